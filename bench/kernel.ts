@@ -1,0 +1,131 @@
+/**
+ * `deno task bench:kernel`: times the fused kernel alone (CUDA events, warm-up, median of
+ * >= 50 launches, L2 flushed before each) per shape and token count, for a grid of configs,
+ * and prints the best with its achieved bandwidth and its ratio to the memory floor measured
+ * in the same run. `--json FILE` also writes every measurement.
+ *
+ * @module
+ */
+import { parseArgs } from "node:util";
+import type { KernelConfig } from "../src/config.ts";
+import { deviceInfo, probeHopperGpu } from "../src/device.ts";
+import { checkKernelConfig } from "../src/fused_moe.ts";
+import { DeviceMoeProblem } from "../src/problem.ts";
+import { makeRandomMoeProblem, type MoeWeights } from "../src/random.ts";
+import { memoryFloorBytes, Timer } from "../src/timing.ts";
+
+const SHAPES = {
+  ds: { E: 257, N: 256, K: 7168, topK: 9 },
+  e512: { E: 512, N: 256, K: 2048, topK: 10 },
+  ds2: { E: 257, N: 512, K: 7168, topK: 9 },
+  e128: { E: 128, N: 768, K: 4096, topK: 8 },
+} as const;
+
+const HELP = `Usage: deno task bench:kernel [options]
+  --shapes LIST       comma-separated of ${Object.keys(SHAPES).join(", ")} (default ds,e512,ds2)
+  --m LIST            token counts (default 1,8,32,128,512,2048,8192)
+  --iterations N      timed launches per config (default 50)
+  --json FILE         write every measurement as JSON
+  -h, --help`;
+
+function candidates(M: number): KernelConfig[] {
+  const out: KernelConfig[] = [];
+  for (const blockM of [8, 16, 32, 64, 128]) {
+    if (blockM > 8 * Math.max(1, M)) continue; // a block far larger than the tokens only pads
+    for (const [blockN, warpN] of [[64, 4], [32, 8]]) {
+      for (const stages of [2, 3, 4]) out.push({ blockM, blockN, warpN, stages });
+    }
+  }
+  return out;
+}
+
+const show = (c: KernelConfig): string => `${c.blockM}/${c.blockN}/${c.warpN}/${c.stages}`;
+
+async function main(): Promise<number> {
+  const { values } = parseArgs({
+    options: {
+      shapes: { type: "string", default: "ds,e512,ds2" },
+      m: { type: "string", default: "1,8,32,128,512,2048,8192" },
+      iterations: { type: "string", default: "50" },
+      json: { type: "string" },
+      help: { type: "boolean", short: "h", default: false },
+    },
+  });
+  if (values.help) {
+    console.log(HELP);
+    return 0;
+  }
+  const probe = probeHopperGpu();
+  if (!probe.ok) {
+    console.error(`bench:kernel needs a Hopper GPU: ${probe.reason}`);
+    return 1;
+  }
+  const iterations = Number(values.iterations);
+  const card = deviceInfo().name;
+  using timer = new Timer();
+  const bandwidth = timer.copyBandwidth();
+  console.log(
+    `${card}, ${new Date().toISOString()}: copy bandwidth ${(bandwidth / 1e9).toFixed(0)} GB/s`,
+  );
+  const rows: Record<string, unknown>[] = [];
+  const table: string[] = [];
+  for (const name of values.shapes.split(",")) {
+    const s = SHAPES[name as keyof typeof SHAPES];
+    if (!s) throw new Error(`unknown shape ${name}: one of ${Object.keys(SHAPES).join(", ")}`);
+    let weights: MoeWeights | undefined;
+    let weightsOwner: DeviceMoeProblem | undefined;
+    try {
+      for (const M of values.m.split(",").map(Number)) {
+        const p = makeRandomMoeProblem({
+          M,
+          K: s.K,
+          N: s.N,
+          numExperts: s.E,
+          topK: s.topK,
+          blockM: 8,
+          seed: M,
+          weights,
+        });
+        weights ??= p;
+        const dev = new DeviceMoeProblem(p, { weightsFrom: weightsOwner });
+        const floorBytes = memoryFloorBytes(dev, p.topkIds);
+        const floorUs = floorBytes / bandwidth * 1e6;
+        let best: { config: KernelConfig; us: number } | undefined;
+        for (const config of candidates(M)) {
+          try {
+            checkKernelConfig(s.K, s.N, config);
+          } catch {
+            continue; // e.g. too much shared memory for this card
+          }
+          const t = timer.time(
+            () => dev.run(config, { stream: timer.stream, outIsZeroed: true }),
+            { iterations },
+          );
+          rows.push({ shape: name, ...s, M, config, us: t.medianUs, floorUs });
+          if (!best || t.medianUs < best.us) best = { config, us: t.medianUs };
+        }
+        if (weightsOwner) dev[Symbol.dispose]();
+        else weightsOwner = dev;
+        const line = `${name.padEnd(5)} E=${s.E} N=${s.N} K=${s.K} M=${String(M).padStart(5)}  ` +
+          `${show(best!.config).padEnd(11)} ${best!.us.toFixed(1).padStart(8)} us  ` +
+          `${(floorBytes / (best!.us * 1e-6) / 1e9).toFixed(0).padStart(5)} GB/s  ` +
+          `floor ${floorUs.toFixed(1).padStart(7)} us  ratio ${(best!.us / floorUs).toFixed(2)}`;
+        console.log(line);
+        table.push(line);
+      }
+    } finally {
+      weightsOwner?.[Symbol.dispose]();
+    }
+  }
+  if (values.json) {
+    await Deno.writeTextFile(
+      values.json,
+      JSON.stringify({ card, date: new Date().toISOString(), bandwidth, rows }, null, 1),
+    );
+  }
+  console.log(`\nbest config per point (block_m/block_n/warp_n/stages), ${card}:`);
+  for (const line of table) console.log(line);
+  return 0;
+}
+
+if (import.meta.main) Deno.exit(await main());

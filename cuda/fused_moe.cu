@@ -1,0 +1,230 @@
+// fused_moe.cu: the exported fused-MoE entries. Validates every argument, maps the runtime
+// config onto a compiled variant, builds (and caches) the TMA tensor maps, launches.
+#include <cuda.h>
+#include <cudaTypedefs.h>
+
+#include <cmath>
+#include <cstring>
+#include <mutex>
+
+#include "fused_moe/launch.cuh"
+
+namespace amoe {
+namespace {
+
+constexpr int kMaxStages = 8;
+
+struct Config {
+  int block_m, block_n, warp_n, stages;
+};
+
+// The (block_n, warp_n) pairs of the seed's search space: both cover a 256-row slice.
+int consumer_wgs_for(int block_n, int warp_n) {
+  if (block_n == 64 && warp_n == 4) return 1;
+  if (block_n == 32 && warp_n == 8) return 2;
+  return 0;
+}
+
+// Largest sub-tile (tokens per wgmma) whose accumulators fit the consumer registers.
+int max_tokens(int wgs) { return wgs == 1 ? 40 : 72; }
+
+const FusedMoeVariant* find_variant(int tokens, int wgs) {
+  const FusedMoeVariant* table = wgs == 1 ? kVariantsWg1 : kVariantsWg2;
+  const int count = wgs == 1 ? kVariantsWg1Count : kVariantsWg2Count;
+  for (int i = 0; i < count; ++i) {
+    if (table[i].tokens == tokens) return &table[i];
+  }
+  return nullptr;
+}
+
+int device_smem_optin(int* bytes) {
+  int device = 0;
+  AMOE_CUDA(cudaGetDevice(&device));
+  AMOE_CUDA(cudaDeviceGetAttribute(bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  return AMOE_OK;
+}
+
+// Chooses the variant for a config; *smem receives its shared-memory size.
+int resolve_config(const Config& c, const FusedMoeVariant** variant, int* smem) {
+  if (c.block_m < 8 || c.block_m > 128 || c.block_m % 8 != 0) {
+    return fail(AMOE_ERR_UNSUPPORTED, "block_m %d is not supported: valid values are 8..128 in steps of 8",
+                c.block_m);
+  }
+  const int wgs = consumer_wgs_for(c.block_n, c.warp_n);
+  if (wgs == 0) {
+    return fail(AMOE_ERR_UNSUPPORTED,
+                "(block_n, warp_n) = (%d, %d) is not supported: valid pairs are (64, 4) and (32, 8)",
+                c.block_n, c.warp_n);
+  }
+  if (c.stages < 1 || c.stages > kMaxStages) {
+    return fail(AMOE_ERR_UNSUPPORTED, "stages %d is not supported: valid values are 1..%d",
+                c.stages, kMaxStages);
+  }
+  const int subtiles = (c.block_m + max_tokens(wgs) - 1) / max_tokens(wgs);
+  const int tokens = round_up((c.block_m + subtiles - 1) / subtiles, 8);
+  *variant = find_variant(tokens, wgs);
+  if (*variant == nullptr) {
+    return fail(AMOE_ERR_UNSUPPORTED, "no compiled variant for %d tokens x %d warpgroups", tokens,
+                wgs);
+  }
+  *smem = (*variant)->smem_bytes(c.stages, c.block_m);
+  return AMOE_OK;
+}
+
+int check_smem_fits(const Config& c, int smem) {
+  int optin = 0;
+  AMOE_TRY(device_smem_optin(&optin));
+  if (smem > optin) {
+    return fail(AMOE_ERR_UNSUPPORTED,
+                "config (block_m %d, block_n %d, warp_n %d, stages %d) needs %d bytes of shared "
+                "memory; this device allows %d per block: use fewer stages or a smaller block_m",
+                c.block_m, c.block_n, c.warp_n, c.stages, smem, optin);
+  }
+  return AMOE_OK;
+}
+
+// ---- TMA tensor maps, encoded through the driver entry point (no link against libcuda) ----
+
+PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
+  static PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void* ptr = nullptr;
+    cudaDriverEntryPointQueryResult query;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &ptr, 12000, cudaEnableDefault,
+                                         &query) != cudaSuccess ||
+        query != cudaDriverEntryPointSuccess) {
+      cudaGetLastError();
+      return PFN_cuTensorMapEncodeTiled_v12000(nullptr);
+    }
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(ptr);
+  }();
+  return fn;
+}
+
+// A K-major FP8 tensor of up to 3 dims (dim 0 contiguous), read in 128-byte-wide boxes with
+// the 128-byte swizzle the wgmma descriptors expect.
+struct MapKey {
+  int64_t device;  // 64-bit so the key has no padding bytes (compared with memcmp)
+  const void* base;
+  uint64_t dims[3];
+  uint32_t box[2];
+  bool operator==(const MapKey& o) const { return std::memcmp(this, &o, sizeof o) == 0; }
+};
+
+struct MapCache {
+  static constexpr int kSlots = 64;
+  std::mutex mutex;
+  MapKey keys[kSlots];
+  CUtensorMap maps[kSlots];
+  int used = 0, next = 0;
+};
+
+int tensor_map(const MapKey& key, int rank, CUtensorMap* out) {
+  static MapCache cache;
+  std::lock_guard<std::mutex> lock(cache.mutex);
+  for (int i = 0; i < cache.used; ++i) {
+    if (cache.keys[i] == key) {
+      *out = cache.maps[i];
+      return AMOE_OK;
+    }
+  }
+  auto encode = encode_fn();
+  if (encode == nullptr) {
+    return fail(AMOE_ERR_CUDA, "cuTensorMapEncodeTiled is unavailable: the driver is too old");
+  }
+  cuuint64_t dims[3], strides[2];
+  cuuint32_t box[3] = {key.box[0], key.box[1], 1}, elem_strides[3] = {1, 1, 1};
+  for (int d = 0; d < rank; ++d) dims[d] = key.dims[d];
+  strides[0] = key.dims[0];
+  strides[1] = key.dims[0] * key.dims[1];
+  CUtensorMap map;
+  const CUresult r = encode(&map, CU_TENSOR_MAP_DATA_TYPE_UINT8, rank, const_cast<void*>(key.base),
+                            dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                            CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS) {
+    return fail(AMOE_ERR_CUDA, "cuTensorMapEncodeTiled failed (CUresult %d) for a [%llu, %llu, %llu] tensor",
+                int(r), (unsigned long long)key.dims[0], (unsigned long long)key.dims[1],
+                (unsigned long long)(rank > 2 ? key.dims[2] : 1));
+  }
+  const int slot = cache.used < MapCache::kSlots ? cache.used++ : cache.next++ % MapCache::kSlots;
+  cache.keys[slot] = key;
+  cache.maps[slot] = map;
+  *out = map;
+  return AMOE_OK;
+}
+
+bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
+
+}  // namespace
+}  // namespace amoe
+
+extern "C" {
+
+int amoe_fused_moe_check_config(int32_t K, int32_t N, int32_t block_m, int32_t block_n,
+                                int32_t warp_n, int32_t stages) {
+  using namespace amoe;
+  AMOE_REQUIRE(K > 0 && K % 128 == 0, "K must be a positive multiple of 128, got %d", K);
+  AMOE_REQUIRE(N > 0 && N % 256 == 0, "N must be a positive multiple of 256, got %d", N);
+  const Config c{block_m, block_n, warp_n, stages};
+  const FusedMoeVariant* variant = nullptr;
+  int smem = 0;
+  AMOE_TRY(resolve_config(c, &variant, &smem));
+  AMOE_TRY(select_device());
+  return check_smem_fits(c, smem);
+}
+
+int amoe_fused_moe_w8a8_up_down(const void* x, const float* x_scale, const void* w,
+                                const float* w_scale, const void* w2, const float* w2_scale,
+                                const int32_t* sorted_token_ids, const int32_t* expert_ids,
+                                const int32_t* num_tokens_post_padded, const float* topk_weights,
+                                void* out, int32_t M, int32_t K, int32_t N, int32_t num_experts,
+                                int32_t top_k, int32_t sorted_len, int32_t block_m, int32_t block_n,
+                                int32_t warp_n, int32_t stages, float scaling_factor,
+                                void* stream) {
+  using namespace amoe;
+  AMOE_REQUIRE(x && x_scale && w && w_scale && w2 && w2_scale && sorted_token_ids && expert_ids &&
+                   num_tokens_post_padded && topk_weights && out,
+               "a required device pointer is null");
+  AMOE_REQUIRE(M >= 0, "M must be >= 0, got %d", M);
+  AMOE_REQUIRE(K > 0 && K % 128 == 0, "K must be a positive multiple of 128, got %d", K);
+  AMOE_REQUIRE(N > 0 && N % 256 == 0, "N must be a positive multiple of 256, got %d", N);
+  AMOE_REQUIRE(num_experts > 0, "num_experts must be > 0, got %d", num_experts);
+  AMOE_REQUIRE(top_k > 0, "top_k must be > 0, got %d", top_k);
+  AMOE_REQUIRE(int64_t(M) * top_k <= INT32_MAX, "M * top_k overflows int32");
+  AMOE_REQUIRE(sorted_len >= 0, "sorted_len must be >= 0, got %d", sorted_len);
+  AMOE_REQUIRE(std::isfinite(scaling_factor), "scaling_factor must be finite");
+  AMOE_REQUIRE(aligned(x, 16) && aligned(w, 16) && aligned(w2, 16),
+               "x, w and w2 must be 16-byte aligned (TMA)");
+  AMOE_REQUIRE(aligned(out, 4) && aligned(x_scale, 4) && aligned(w_scale, 4) &&
+                   aligned(w2_scale, 4) && aligned(topk_weights, 4) &&
+                   aligned(sorted_token_ids, 4) && aligned(expert_ids, 4),
+               "scale, weight, id and output pointers must be 4-byte aligned");
+  const Config c{block_m, block_n, warp_n, stages};
+  const FusedMoeVariant* variant = nullptr;
+  int smem = 0;
+  AMOE_TRY(resolve_config(c, &variant, &smem));
+  AMOE_TRY(select_device());
+  AMOE_TRY(check_smem_fits(c, smem));
+  if (M == 0 || sorted_len == 0) return AMOE_OK;
+
+  int device = 0;
+  AMOE_CUDA(cudaGetDevice(&device));
+  FusedMoeLaunch l;
+  const uint32_t kb = kKBlock, rows = kSliceRows;
+  AMOE_TRY(tensor_map(MapKey{device, x, {uint64_t(K), uint64_t(M), 1}, {kb, 1}}, 2, &l.x_map));
+  AMOE_TRY(tensor_map(
+      MapKey{device, w, {uint64_t(K), uint64_t(N), uint64_t(num_experts)}, {kb, rows}}, 3,
+      &l.w_map));
+  AMOE_TRY(tensor_map(
+      MapKey{device, w2, {uint64_t(N / 2), uint64_t(K), uint64_t(num_experts)}, {kb, rows}}, 3,
+      &l.w2_map));
+  l.params = FusedMoeParams{sorted_token_ids, expert_ids, num_tokens_post_padded, x_scale,
+                            w_scale, w2_scale, topk_weights,
+                            static_cast<__nv_bfloat16*>(out), M, K, N, top_k, block_m, stages,
+                            scaling_factor};
+  l.grid = dim3((sorted_len + block_m - 1) / block_m, N / kSliceRows, 1);
+  l.stream = static_cast<cudaStream_t>(stream);
+  return variant->launch(l, smem);
+}
+
+}  // extern "C"

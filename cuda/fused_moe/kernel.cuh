@@ -1,0 +1,407 @@
+// kernel.cuh: the fused FP8 MoE kernel (up projection, SwiGLU, FP8 re-quantisation, down
+// projection, weighted bf16 accumulation) for one (token block, N slice) per CTA.
+//
+// Work split. blockIdx.x is a block of `block_m` sorted token slots that all go to one expert
+// (moe_align_block_size layout); blockIdx.y is a 256-row slice of the interleaved gate/up
+// weights, i.e. 128 gate + 128 up rows = one 128-wide requantisation group of the
+// intermediate. The token block is processed in sub-tiles of T tokens (T is the wgmma N
+// dimension: tokens sit on the N side, weights on the 64-row M side, "swap AB").
+//
+// Warp roles. Warpgroup 0 is the producer: one warp streams every operand with TMA into a
+// ring of `stages` shared-memory buffers. Warpgroups 1..WGS are consumers; each owns
+// 256/WGS of the 256 weight rows of every stage.
+//
+// The ring. Each stage holds one 256x128-byte weight tile (w for the up projection: the
+// slice's rows at one 128-wide K block; w2 for the down projection: 256 output rows of the
+// slice's 128 intermediate columns), the T x 128-byte token tile (up projection only) and
+// the f32 scales that go with them. The producer runs the same sequence of tiles as the
+// consumers: per sub-tile, K/128 up tiles then ceil(K/256) down tiles.
+//
+// Barrier protocol. full[s]: 32 producer-lane arrivals + the TMA transaction bytes (lane 0
+// raises the expected bytes before any copy); each lane arrives after writing its share of
+// the stage's scales, so the scales are ordered before the consumers' acquire. empty[s]: one
+// arrival per consumer thread, after its last read of the stage (its wgmmas have completed,
+// wgmma.wait_group 0, and its scale reads are done): every reader releases its own reads.
+// Phase parity flips each time the ring wraps; the producer's first pass waits on parity 1,
+// which a fresh barrier reports as complete.
+//
+// Shared-memory tiles are K-major rows of 128 bytes with the 128-byte swizzle (TMA writes
+// them swizzled; the activation tile is written by hand in the same pattern).
+#pragma once
+
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_fp8.h>
+
+#include <cstdint>
+
+#include "ptx.cuh"
+#include "wgmma_fp8.cuh"
+
+namespace amoe {
+
+constexpr int kSliceRows = 256;                         // weight rows per stage
+constexpr int kKBlock = 128;                            // K bytes per stage = one scale block
+constexpr int kWeightTileBytes = kSliceRows * kKBlock;  // 32 KiB
+constexpr int kProducerLanes = 32;
+constexpr float kFp8Max = 448.0f;
+// wgmma k32 steps accumulated inside the tensor core before the partial sums are promoted to
+// fp32 registers. Hopper's FP8 accumulation keeps limited precision: promoting every 128
+// (4 steps, DeepSeek's interval) left rare large-element flips in the FP8 re-quantised
+// intermediate, whole rows 2-3 % off the reference (bench/NOTES.md); every step fixes that
+// for ~2 % of time at memory-bound sizes.
+constexpr int kStepsPerPromotion = 1;
+
+struct FusedMoeParams {
+  const int32_t* sorted_token_ids;
+  const int32_t* expert_ids;
+  const int32_t* num_tokens_post_padded;
+  const float* x_scale;   // [M, K/128]
+  const float* w_scale;   // [E, N/128, K/128], gate/up interleaved in chunks of 1
+  const float* w2_scale;  // [E, K/128, N/256]
+  const float* topk_weights;
+  __nv_bfloat16* out;  // [M, K]
+  int32_t M, K, N, top_k, block_m, stages;
+  float scaling_factor;
+};
+
+__host__ __device__ constexpr int round_up(int x, int m) { return (x + m - 1) / m * m; }
+
+// Shared-memory layout of one CTA for T tokens per sub-tile.
+template <int T>
+struct SmemLayout {
+  static constexpr int kTokenTileBytes = T * kKBlock;
+  static constexpr int kXOffset = kWeightTileBytes;
+  static constexpr int kScaleOffset = kXOffset + kTokenTileBytes;  // x scales [T], 2 w scales
+  static constexpr int kStageBytes = round_up(kScaleOffset + T * 4 + 8, 1024);
+
+  // Bytes after the ring: activation tile, two amax buffers, per-slot token row and weight.
+  __host__ __device__ static constexpr int tail_bytes(int block_m) {
+    return kTokenTileBytes + 2 * T * 4 + block_m * 8;
+  }
+  __host__ __device__ static constexpr int total_bytes(int stages, int block_m) {
+    return 1024 /* alignment slack */ + stages * kStageBytes + tail_bytes(block_m) +
+           stages * 16 /* barriers */;
+  }
+};
+
+// The stage ring as seen by one role: both roles walk the stages in the same order.
+struct Ring {
+  uint8_t* base;
+  uint64_t* full;
+  uint64_t* empty;
+  int stages, stage_bytes;
+  int stage = 0;
+  uint32_t phase = 0;
+  __device__ __forceinline__ uint8_t* current() const { return base + stage * stage_bytes; }
+  __device__ __forceinline__ void advance() {
+    if (++stage == stages) {
+      stage = 0;
+      phase ^= 1;
+    }
+  }
+};
+
+// Per-CTA facts both roles need.
+struct BlockInfo {
+  int expert, slice, kblocks, down_tiles, subtiles;
+  const int32_t* tok_row;     // [block_m] output row of each sorted slot, or -1
+  const float* tok_weight;    // [block_m] topk weight * scaling factor
+};
+
+__device__ __forceinline__ float silu(float g) { return g / (1.0f + __expf(-g)); }
+
+// Byte offset of element (row, k) in a K-major 128-byte-swizzled tile (1024-aligned base).
+__device__ __forceinline__ int sw128_offset(int row, int k) {
+  return row * 128 + ((((k >> 4) ^ row) & 7) << 4) + (k & 15);
+}
+
+// ---------------------------------------------------------------------------------------
+// Producer: one warp. Per stage, lane 0 raises the expected bytes and loads the weight tile,
+// every lane loads its share of token rows and writes its share of scales, then arrives.
+template <int T>
+__device__ __forceinline__ void produce(const CUtensorMap* x_map, const CUtensorMap* w_map,
+                                        const CUtensorMap* w2_map, const FusedMoeParams& p,
+                                        const BlockInfo& b, Ring ring, int lane) {
+  using L = SmemLayout<T>;
+  if (lane == 0) {
+    ptx::prefetch_tensor_map(x_map);
+    ptx::prefetch_tensor_map(w_map);
+    ptx::prefetch_tensor_map(w2_map);
+  }
+  const int slices = p.N / kSliceRows;
+  const float* ws_gate = p.w_scale + (size_t(b.expert) * (p.N / 128) + 2 * b.slice) * b.kblocks;
+  const float* ws_up = ws_gate + b.kblocks;
+  const float* w2s = p.w2_scale + size_t(b.expert) * b.kblocks * slices + b.slice;
+  for (int sub = 0; sub < b.subtiles; ++sub) {
+    const int t0 = sub * T;
+    const int tcount = min(T, p.block_m - t0);
+    int loaded = 0;  // rows of this sub-tile that hold a real token
+    for (int i = 0; i < tcount; ++i) loaded += b.tok_row[t0 + i] >= 0;
+
+    for (int kb = 0; kb < b.kblocks; ++kb) {
+      ptx::mbar_wait(&ring.empty[ring.stage], ring.phase ^ 1);
+      uint8_t* st = ring.current();
+      uint64_t* full = &ring.full[ring.stage];
+      float* sc = reinterpret_cast<float*>(st + L::kScaleOffset);  // x scales [T], gate, up
+      if (lane == 0) {
+        ptx::mbar_expect_tx(full, kWeightTileBytes + loaded * kKBlock);
+        ptx::tma_load_3d(st, w_map, full, kb * kKBlock, b.slice * kSliceRows, b.expert);
+      }
+      for (int i = lane; i < tcount; i += 32) {
+        const int row = b.tok_row[t0 + i];
+        if (row >= 0) ptx::tma_load_2d(st + L::kXOffset + i * kKBlock, x_map, full, kb * kKBlock, row);
+      }
+      for (int i = lane; i < T; i += 32) {
+        const int row = i < tcount ? b.tok_row[t0 + i] : -1;
+        sc[i] = row >= 0 ? p.x_scale[size_t(row) * b.kblocks + kb] : 0.0f;
+      }
+      if (lane == 0) {
+        sc[T] = ws_gate[kb];
+        sc[T + 1] = ws_up[kb];
+      }
+      ptx::mbar_arrive(full);  // after this lane's scale writes
+      ring.advance();
+    }
+    for (int dt = 0; dt < b.down_tiles; ++dt) {
+      ptx::mbar_wait(&ring.empty[ring.stage], ring.phase ^ 1);
+      uint8_t* st = ring.current();
+      uint64_t* full = &ring.full[ring.stage];
+      float* sc = reinterpret_cast<float*>(st + L::kScaleOffset) + T;  // w2 scales of 2 K blocks
+      if (lane == 0) {
+        const int kb0 = 2 * dt;
+        sc[0] = w2s[size_t(kb0) * slices];
+        sc[1] = kb0 + 1 < b.kblocks ? w2s[size_t(kb0 + 1) * slices] : 0.0f;
+        ptx::mbar_expect_tx(full, kWeightTileBytes);
+        ptx::tma_load_3d(st, w2_map, full, b.slice * kKBlock, dt * kSliceRows, b.expert);
+      }
+      ptx::mbar_arrive(full);
+      ring.advance();
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Consumers: WGS warpgroups, each owning 256/WGS rows of every weight tile.
+template <int T, int WGS>
+__device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo& b, Ring ring,
+                                        uint8_t* act, uint32_t* amax, int ctid) {
+  using L = SmemLayout<T>;
+  constexpr int kRowsPerWg = kSliceRows / WGS;
+  constexpr int kTiles = kRowsPerWg / 64;  // m64 wgmma tiles per consumer warpgroup
+  constexpr int kRegs = T / 2;             // accumulator registers per m64 x T tile
+  constexpr int kConsumerThreads = WGS * 128;
+  const int warp = (ctid % 128) / 32;
+  const int lane = ctid % 32;
+  const int quad = lane % 4;
+  const int row_in_warp = lane / 4;  // fragment rows row_in_warp and row_in_warp + 8
+  const int wg_row0 = (ctid / 128) * kRowsPerWg;
+
+  // One m64 tile of FP8 partial sums at a time keeps the register footprint at
+  // (kTiles + 1) * kRegs, which is what lets T reach 96 tokens (64 with one warpgroup).
+  float acc[kTiles][kRegs];
+  float part[kRegs];
+
+  for (int sub = 0; sub < b.subtiles; ++sub) {
+    const int t0 = sub * T;
+    const int tcount = min(T, p.block_m - t0);
+    uint32_t* amax_cur = amax + (sub & 1) * T;
+
+    // ---- up projection: acc = sum_kb (w_kb . x_kb^T) * w_scale * x_scale ----
+#pragma unroll
+    for (int m = 0; m < kTiles; ++m)
+#pragma unroll
+      for (int r = 0; r < kRegs; ++r) acc[m][r] = 0.0f;
+
+    for (int kb = 0; kb < b.kblocks; ++kb) {
+      ptx::mbar_wait(&ring.full[ring.stage], ring.phase);
+      const uint8_t* st = ring.current();
+      const float* sc = reinterpret_cast<const float*>(st + L::kScaleOffset);
+      const float ws_gate = sc[T];
+      const float ws_up = sc[T + 1];
+#pragma unroll
+      for (int m = 0; m < kTiles; ++m) {
+#pragma unroll
+        for (int k0 = 0; k0 < 4; k0 += kStepsPerPromotion) {
+          ptx::wgmma_fence();
+#pragma unroll
+          for (int ks = k0; ks < k0 + kStepsPerPromotion; ++ks) {
+            WgmmaFp8<T>::mma(part, ptx::sw128_desc(st + (wg_row0 + m * 64) * kKBlock + ks * 32),
+                             ptx::sw128_desc(st + L::kXOffset + ks * 32), ks > k0);
+          }
+          ptx::wgmma_commit();
+          ptx::wgmma_wait<0>();
+          // Promote the FP8 partial sums to fp32 with both block scales.
+#pragma unroll
+          for (int j = 0; j < T / 8; ++j) {
+            const float2 x2 = *reinterpret_cast<const float2*>(sc + j * 8 + quad * 2);
+            acc[m][4 * j + 0] += part[4 * j + 0] * (ws_gate * x2.x);
+            acc[m][4 * j + 1] += part[4 * j + 1] * (ws_gate * x2.y);
+            acc[m][4 * j + 2] += part[4 * j + 2] * (ws_up * x2.x);
+            acc[m][4 * j + 3] += part[4 * j + 3] * (ws_up * x2.y);
+          }
+        }
+      }
+      ptx::mbar_arrive(&ring.empty[ring.stage]);
+      ring.advance();
+    }
+
+    // ---- SwiGLU in registers: fragment rows r (gate) and r + 8 (up) pair up ----
+#pragma unroll
+    for (int j = 0; j < T / 8; ++j) {
+      float m0 = 0.0f, m1 = 0.0f;
+#pragma unroll
+      for (int m = 0; m < kTiles; ++m) {
+        acc[m][4 * j + 0] = silu(acc[m][4 * j + 0]) * acc[m][4 * j + 2];
+        acc[m][4 * j + 1] = silu(acc[m][4 * j + 1]) * acc[m][4 * j + 3];
+        m0 = fmaxf(m0, fabsf(acc[m][4 * j + 0]));
+        m1 = fmaxf(m1, fabsf(acc[m][4 * j + 1]));
+      }
+#pragma unroll
+      for (int off = 4; off < 32; off <<= 1) {
+        m0 = fmaxf(m0, __shfl_xor_sync(0xffffffffu, m0, off));
+        m1 = fmaxf(m1, __shfl_xor_sync(0xffffffffu, m1, off));
+      }
+      if (row_in_warp == 0) {
+        // Non-negative floats order like their bit patterns.
+        atomicMax(&amax_cur[j * 8 + quad * 2], __float_as_uint(m0));
+        atomicMax(&amax_cur[j * 8 + quad * 2 + 1], __float_as_uint(m1));
+      }
+    }
+    ptx::named_barrier_sync(1, kConsumerThreads);
+
+    // ---- re-quantise per token over the slice's 128 intermediates; write the B tile ----
+    float col_factor[T / 8][2];  // topk weight * scaling factor * activation scale
+    int col_row[T / 8][2];       // output token row, or -1
+#pragma unroll
+    for (int j = 0; j < T / 8; ++j) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int col = j * 8 + quad * 2 + h;
+        const float scale = fmaxf(__uint_as_float(amax_cur[col]), 1e-10f) / kFp8Max;
+        const bool live = col < tcount;
+        col_row[j][h] = live ? b.tok_row[t0 + col] : -1;
+        col_factor[j][h] = live ? b.tok_weight[t0 + col] * scale : 0.0f;
+#pragma unroll
+        for (int m = 0; m < kTiles; ++m) {
+          // Intermediate index of this fragment row within the slice: 16-row groups hold
+          // 8 gate + 8 up rows, so group g holds intermediates 8g .. 8g + 7.
+          const int inter = ((wg_row0 + m * 64 + warp * 16) / 16) * 8 + row_in_warp;
+          const __nv_fp8_e4m3 q(acc[m][4 * j + h] / scale);
+          act[sw128_offset(col, inter)] = q.__x;
+        }
+      }
+    }
+    if (ctid < T) amax[((sub + 1) & 1) * T + ctid] = 0;  // the other buffer is free now
+    ptx::fence_proxy_async_smem();
+    ptx::named_barrier_sync(1, kConsumerThreads);
+
+    // ---- down projection and weighted accumulation into out ----
+    for (int dt = 0; dt < b.down_tiles; ++dt) {
+      ptx::mbar_wait(&ring.full[ring.stage], ring.phase);
+      const uint8_t* st = ring.current();
+      const float* w2s = reinterpret_cast<const float*>(st + L::kScaleOffset) + T;
+      float tile_scale[kTiles];
+#pragma unroll
+      for (int m = 0; m < kTiles; ++m) tile_scale[m] = w2s[(wg_row0 + m * 64) / 128];
+#pragma unroll
+      for (int m = 0; m < kTiles; ++m) {
+        ptx::wgmma_fence();
+#pragma unroll
+        for (int ks = 0; ks < 4; ++ks) {
+          WgmmaFp8<T>::mma(part, ptx::sw128_desc(st + (wg_row0 + m * 64) * kKBlock + ks * 32),
+                           ptx::sw128_desc(act + ks * 32), ks);
+        }
+        ptx::wgmma_commit();
+        ptx::wgmma_wait<0>();
+        if (m == kTiles - 1) ptx::mbar_arrive(&ring.empty[ring.stage]);  // reads done
+
+        const int tile_k0 = dt * kSliceRows + wg_row0 + m * 64;
+        if (tile_k0 >= p.K) continue;  // past K (when K % 256 == 128): warp-uniform
+        const int k0 = tile_k0 + warp * 16 + row_in_warp;
+        const bool even = (row_in_warp & 1) == 0;
+#pragma unroll
+        for (int j = 0; j < T / 8; ++j) {
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {  // fragment rows k0 and k0 + 8
+            const float v0 = part[4 * j + 2 * half] * tile_scale[m] * col_factor[j][0];
+            const float v1 = part[4 * j + 2 * half + 1] * tile_scale[m] * col_factor[j][1];
+            // Pair rows (k, k+1) of one token in one thread for a bf16x2 reduction: even rows
+            // keep column 0 and take the odd neighbour's column-0 value; odd rows keep
+            // column 1 and take the even neighbour's column-1 value.
+            const float sent = even ? v1 : v0;
+            const float got = __shfl_xor_sync(0xffffffffu, sent, 4);
+            const int k = k0 + 8 * half;
+            const int row = even ? col_row[j][0] : col_row[j][1];
+            if (row >= 0) {
+              __nv_bfloat16* dst = p.out + size_t(row) * p.K + (even ? k : k - 1);
+              ptx::red_add_bf16x2(dst, even ? v0 : got, even ? got : v1);
+            }
+          }
+        }
+      }
+      ring.advance();
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+template <int T, int WGS>
+__global__ void __launch_bounds__((WGS + 1) * 128, 1)
+    fused_moe_kernel(const __grid_constant__ CUtensorMap x_map,
+                     const __grid_constant__ CUtensorMap w_map,
+                     const __grid_constant__ CUtensorMap w2_map, const FusedMoeParams p) {
+  using L = SmemLayout<T>;
+  const int block = blockIdx.x;
+  if (block * p.block_m >= *p.num_tokens_post_padded) return;
+  const int expert = p.expert_ids[block];
+  if (expert < 0) return;  // expert not on this GPU: contributes nothing
+
+  extern __shared__ uint8_t smem_raw[];
+  // Swizzled tiles need 1024-byte alignment; dynamic shared memory only promises 16.
+  uint8_t* smem = smem_raw + ((1024 - ptx::smem_addr(smem_raw) % 1024) % 1024);
+  uint8_t* act = smem + p.stages * L::kStageBytes;  // FP8 intermediate, T x 128, swizzled
+  uint32_t* amax = reinterpret_cast<uint32_t*>(act + L::kTokenTileBytes);  // [2][T] f32 bits
+  int32_t* tok_row = reinterpret_cast<int32_t*>(amax + 2 * T);              // [block_m]
+  float* tok_weight = reinterpret_cast<float*>(tok_row + p.block_m);        // [block_m]
+  uint64_t* full = reinterpret_cast<uint64_t*>(tok_weight + p.block_m);
+  uint64_t* empty = full + p.stages;
+
+  const int tid = threadIdx.x;
+  const int routed = p.M * p.top_k;
+  for (int i = tid; i < p.block_m; i += blockDim.x) {
+    const int id = p.sorted_token_ids[block * p.block_m + i];
+    const bool valid = id >= 0 && id < routed;
+    tok_row[i] = valid ? id / p.top_k : -1;
+    tok_weight[i] = valid ? p.topk_weights[id] * p.scaling_factor : 0.0f;
+  }
+  for (int i = tid; i < 2 * T; i += blockDim.x) amax[i] = 0;
+  if (tid == 0) {
+    for (int s = 0; s < p.stages; ++s) {
+      ptx::mbar_init(&full[s], kProducerLanes);
+      ptx::mbar_init(&empty[s], WGS * 128);
+    }
+    ptx::fence_barrier_init();
+  }
+  __syncthreads();
+
+  const BlockInfo info{expert,
+                       int(blockIdx.y),
+                       p.K / kKBlock,
+                       (p.K + kSliceRows - 1) / kSliceRows,
+                       (p.block_m + T - 1) / T,
+                       tok_row,
+                       tok_weight};
+  const Ring ring{smem, full, empty, p.stages, L::kStageBytes};
+  // Each role is one branch of a single if/else so that setmaxnreg can move registers from
+  // the producer warpgroup to the consumers.
+  if (tid < 128) {
+    if constexpr (WGS > 1) ptx::setmaxnreg_dec<40>();
+    if (tid < 32) produce<T>(&x_map, &w_map, &w2_map, p, info, ring, tid);
+  } else {
+    if constexpr (WGS > 1) ptx::setmaxnreg_inc<232>();
+    consume<T, WGS>(p, info, ring, act, amax, tid - 128);
+  }
+}
+
+}  // namespace amoe

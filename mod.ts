@@ -1,0 +1,115 @@
+/**
+ * alpha-moe: a fused FP8 Mixture-of-Experts layer for NVIDIA Hopper GPUs (H100/H200), driven
+ * from Deno through `Deno.dlopen`.
+ *
+ * One kernel launch does the whole MoE layer of a tensor-parallel shard: FP8 W8A8 up/gate
+ * projection with 128x128 block scales, SwiGLU, FP8 re-quantisation of the intermediate,
+ * down projection and the top-k weighted accumulation into a bf16 output, with the argument
+ * conventions of vLLM's and SGLang's fused MoE (`moe_align_block_size` layout).
+ *
+ * Pure-TypeScript helpers (codecs, gate/up interleave, config tables, the CPU reference,
+ * safetensors) need no permissions beyond reading files; everything that touches the GPU
+ * loads the native library lazily and needs `--allow-ffi`.
+ *
+ * @example Run the kernel on a random problem
+ * ```ts
+ * import {
+ *   DeviceBuffer, fusedMoeW8A8UpDown, makeRandomMoeProblem, selectConfig, synchronize,
+ *   defaultConfig,
+ * } from "@alpha-moe/alpha-moe";
+ *
+ * const config = defaultConfig(64);
+ * const p = makeRandomMoeProblem({
+ *   M: 64, K: 512, N: 512, numExperts: 8, topK: 2, blockM: config.blockM, seed: 1,
+ * });
+ * const { M, K, N, numExperts: E } = p;
+ * using x = DeviceBuffer.from("fp8_e4m3", [M, K], p.x);
+ * // ... upload the other tensors the same way, then:
+ * // fusedMoeW8A8UpDown({ x, xScale, w, wScale, w2, w2Scale, sortedTokenIds, expertIds,
+ * //   numTokensPostPadded, topkWeights, out }, { topK: p.topK, config });
+ * synchronize();
+ * ```
+ *
+ * @module
+ */
+
+export {
+  AlphaMoeError,
+  CudaError,
+  CudaFatalError,
+  InvalidArgumentError,
+  NoDeviceError,
+  OutOfMemoryError,
+  UnsupportedError,
+} from "./ffi/errors.ts";
+export {
+  type AlphaMoeLibrary,
+  LIBRARY_ENV,
+  LibraryLoadError,
+  openLibrary,
+  type OpenLibraryOptions,
+} from "./ffi/library.ts";
+export { DeviceBuffer, type DType, DTYPE_BYTES, type HostArray } from "./src/buffer.ts";
+export {
+  CudaEvent,
+  CudaGraph,
+  deviceCount,
+  type DeviceInfo,
+  deviceInfo,
+  hasHopperGpu,
+  requireHopper,
+  setDevice,
+  Stream,
+  synchronize,
+} from "./src/device.ts";
+export {
+  bf16Decode,
+  bf16Encode,
+  decodeBf16,
+  decodeFp8,
+  encodeBf16,
+  encodeFp8,
+  FP8_E4M3_MAX,
+  fp8e4m3Decode,
+  fp8e4m3Encode,
+} from "./src/codecs.ts";
+export { deinterleaveGateUp, interleaveGateUp } from "./src/interleave.ts";
+export {
+  CONFIG_ENV_VAR,
+  ConfigError,
+  configFromEnv,
+  type ConfigTable,
+  defaultConfig,
+  type KernelConfig,
+  loadConfigTable,
+  loadConfigTableSync,
+  parseConfigTable,
+  selectConfig,
+  VALID_BLOCK_N_WARP_N,
+} from "./src/config.ts";
+export {
+  type AlignedRouting,
+  type FusedMoeArgs,
+  fusedMoeReference,
+  moeAlignBlockSize,
+  quantizePerTokenGroup,
+  relativeL2,
+} from "./src/reference.ts";
+export { makeRandomMoeProblem, type MoeProblem, type RandomMoeOptions } from "./src/random.ts";
+export {
+  loadSafetensors,
+  loadSafetensorsSync,
+  readSafetensors,
+  SafetensorsError,
+  SafetensorsFile,
+  writeSafetensors,
+} from "./src/safetensors.ts";
+export {
+  checkKernelConfig,
+  type FusedMoeDims,
+  type FusedMoeOptions,
+  type FusedMoeTensors,
+  fusedMoeW8A8UpDown,
+  type TensorLike,
+  validateFusedMoeArgs,
+} from "./src/fused_moe.ts";

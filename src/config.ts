@@ -1,0 +1,287 @@
+/**
+ * Kernel launch configurations and the tuned tables that map a token count to one.
+ *
+ * A table file (as written by the seed's `jit_moe.py`) is a JSON object keyed by token count:
+ *
+ * ```json
+ * {"1": {"block_m": 16, "block_n": 32, "warp_n": 8, "stages": 5}, "8": {...}, ...}
+ * ```
+ *
+ * An optional `"__metadata__"` key (any value) is ignored; other fields in an entry are
+ * ignored too.
+ *
+ * @module
+ */
+
+/** One launch configuration of the fused MoE kernel. */
+export interface KernelConfig {
+  /** Rows (token slots) per block: a multiple of 8 in 8..128. */
+  blockM: number;
+  /** Columns of N per block; pairs with {@link KernelConfig.warpN}. */
+  blockN: number;
+  /** Warps along N; see {@link VALID_BLOCK_N_WARP_N}. */
+  warpN: number;
+  /** Pipeline stages, 1..8. */
+  stages: number;
+}
+
+/** A parsed table: token count -> config, iterating in ascending token count. */
+export type ConfigTable = ReadonlyMap<number, KernelConfig>;
+
+/**
+ * The (block_n, warp_n) pairs a table may use. Extend this list (in this one place) when the
+ * kernel gains instantiations.
+ */
+export const VALID_BLOCK_N_WARP_N: readonly (readonly [blockN: number, warpN: number])[] = Object
+  .freeze([
+    Object.freeze([64, 4] as const),
+    Object.freeze([32, 8] as const),
+  ]);
+
+/** Inclusive range of `block_m` (which must also be a multiple of 8). */
+export const BLOCK_M_RANGE: readonly [min: number, max: number] = Object.freeze([8, 128] as const);
+
+/** Inclusive range of `stages`. */
+export const STAGES_RANGE: readonly [min: number, max: number] = Object.freeze([1, 8] as const);
+
+/** The environment variable naming a table file, as in the seed. */
+export const CONFIG_ENV_VAR = "ALPHA_MOE_CONFIG";
+
+/** A malformed config table or config; names the source, key and field at fault. */
+export class ConfigError extends Error {
+  /** The table key at fault (e.g. `"8"`), if any. */
+  readonly key?: string;
+  /** The field at fault (e.g. `"block_m"`), if any. */
+  readonly field?: string;
+
+  /** Creates the error. */
+  constructor(message: string, key?: string, field?: string) {
+    super(message);
+    this.name = "ConfigError";
+    this.key = key;
+    this.field = field;
+  }
+}
+
+interface Problem {
+  field: string;
+  message: string;
+}
+
+function findProblem(c: KernelConfig): Problem | undefined {
+  const names = { blockM: "block_m", blockN: "block_n", warpN: "warp_n", stages: "stages" };
+  for (const f of ["blockM", "blockN", "warpN", "stages"] as const) {
+    if (!Number.isSafeInteger(c[f])) {
+      return { field: names[f], message: `${names[f]} must be an integer, got ${c[f]}` };
+    }
+  }
+  if (c.blockM % 8 !== 0 || c.blockM < BLOCK_M_RANGE[0] || c.blockM > BLOCK_M_RANGE[1]) {
+    return {
+      field: "block_m",
+      message: `block_m must be a multiple of 8 in ${BLOCK_M_RANGE[0]}..${BLOCK_M_RANGE[1]}, ` +
+        `got ${c.blockM}`,
+    };
+  }
+  if (!VALID_BLOCK_N_WARP_N.some(([bn, wn]) => bn === c.blockN && wn === c.warpN)) {
+    return {
+      field: "block_n/warp_n",
+      message: `(block_n, warp_n) = (${c.blockN}, ${c.warpN}) is not one of ` +
+        VALID_BLOCK_N_WARP_N.map(([bn, wn]) => `(${bn}, ${wn})`).join(", "),
+    };
+  }
+  if (c.stages < STAGES_RANGE[0] || c.stages > STAGES_RANGE[1]) {
+    return {
+      field: "stages",
+      message: `stages must be in ${STAGES_RANGE[0]}..${STAGES_RANGE[1]}, got ${c.stages}`,
+    };
+  }
+  return undefined;
+}
+
+/**
+ * Checks one config against the kernel's constraints (the same rules as
+ * {@link parseConfigTable}); returns why it is invalid, or undefined when it is valid.
+ */
+export function configProblem(c: KernelConfig): string | undefined {
+  return findProblem(c)?.message;
+}
+
+const FIELDS = [
+  ["block_m", "blockM"],
+  ["block_n", "blockN"],
+  ["warp_n", "warpN"],
+  ["stages", "stages"],
+] as const;
+
+// Canonical non-negative decimal integers only: "08", "+8", " 8" or "1e3" would all be read
+// by Python's int() (or not), but they are ambiguous and no tuner writes them.
+const KEY_RE = /^(0|[1-9][0-9]*)$/;
+
+/**
+ * Validates a parsed JSON table and converts it to a {@link ConfigTable} (ascending keys,
+ * frozen entries).
+ *
+ * @param json the result of `JSON.parse` on a table file
+ * @param source where it came from, for error messages (a path, say)
+ * @throws {ConfigError} naming the key and field for: a non-object table, a key that is not
+ * a non-negative integer, an entry that is not an object, a missing or non-integer field,
+ * `block_m` not a multiple of 8 in 8..128, a (block_n, warp_n) pair not in
+ * {@link VALID_BLOCK_N_WARP_N}, `stages` outside 1..8, or a table with no entries.
+ */
+export function parseConfigTable(json: unknown, source = "config table"): ConfigTable {
+  if (typeof json !== "object" || json === null || Array.isArray(json)) {
+    throw new ConfigError(`${source}: expected a JSON object keyed by token count`);
+  }
+  const entries: [number, KernelConfig][] = [];
+  for (const [key, value] of Object.entries(json as Record<string, unknown>)) {
+    if (key === "__metadata__") continue;
+    const where = `${source}: key "${key}"`;
+    if (!KEY_RE.test(key) || !Number.isSafeInteger(Number(key))) {
+      throw new ConfigError(`${where}: not a non-negative integer token count`, key);
+    }
+    if (typeof value !== "object" || value === null || Array.isArray(value)) {
+      throw new ConfigError(`${where}: entry is not an object`, key);
+    }
+    const v = value as Record<string, unknown>;
+    const c = { blockM: 0, blockN: 0, warpN: 0, stages: 0 };
+    for (const [jsonName, name] of FIELDS) {
+      if (!(jsonName in v)) {
+        throw new ConfigError(`${where}: missing field "${jsonName}"`, key, jsonName);
+      }
+      const x = v[jsonName];
+      if (typeof x !== "number" || !Number.isSafeInteger(x)) {
+        throw new ConfigError(
+          `${where}: field "${jsonName}" must be an integer, got ${JSON.stringify(x)}`,
+          key,
+          jsonName,
+        );
+      }
+      c[name] = x;
+    }
+    const problem = findProblem(c);
+    if (problem !== undefined) {
+      throw new ConfigError(`${where}: ${problem.message}`, key, problem.field);
+    }
+    entries.push([Number(key), Object.freeze(c)]);
+  }
+  if (entries.length === 0) throw new ConfigError(`${source}: the table has no entries`);
+  entries.sort((a, b) => a[0] - b[0]);
+  return new Map(entries);
+}
+
+function parseText(text: string, source: string): ConfigTable {
+  let json: unknown;
+  try {
+    json = JSON.parse(text);
+  } catch (e) {
+    throw new ConfigError(`${source}: not valid JSON: ${(e as Error).message}`);
+  }
+  return parseConfigTable(json, source);
+}
+
+function sourceName(path: string | URL): string {
+  return path instanceof URL ? path.href : path;
+}
+
+/** Reads and parses a table file (needs `--allow-read`). */
+export async function loadConfigTable(path: string | URL): Promise<ConfigTable> {
+  return parseText(await Deno.readTextFile(path), sourceName(path));
+}
+
+/** Synchronous {@link loadConfigTable}. */
+export function loadConfigTableSync(path: string | URL): ConfigTable {
+  return parseText(Deno.readTextFileSync(path), sourceName(path));
+}
+
+/**
+ * Picks the config of the key nearest to `numTokens`, exactly like the seed's
+ * `get_best_config`, which scans the table's keys in order and replaces its pick only when
+ * `abs(key - n_tokens) < best` (strictly less).
+ *
+ * Tie-breaking: when two keys are equally far (e.g. keys 8 and 10 for 9 tokens), the one seen
+ * first wins. The seed scans in the file's order; both of its shipped tables, and every table
+ * its tuner writes, are in ascending order, so **the smaller key wins**. A {@link ConfigTable}
+ * iterates in ascending order, so this gives the same answer. (For a hand-made file with keys
+ * out of order the seed would prefer whichever tied key comes first in the file; JavaScript
+ * objects enumerate integer keys in ascending order, so that order is not recoverable from
+ * parsed JSON. We always prefer the smaller key.)
+ *
+ * @throws {RangeError} if `numTokens` is not a finite number
+ * @throws {ConfigError} if the table is empty
+ */
+export function selectConfig(table: ConfigTable, numTokens: number): KernelConfig {
+  if (!Number.isFinite(numTokens)) {
+    throw new RangeError(`numTokens must be a finite number, got ${numTokens}`);
+  }
+  let best = Infinity;
+  let pick: KernelConfig | undefined;
+  for (const [key, config] of table) {
+    const d = Math.abs(key - numTokens);
+    if (d < best) {
+      best = d;
+      pick = config;
+    }
+  }
+  if (pick === undefined) throw new ConfigError("the config table has no entries");
+  return pick;
+}
+
+// Parsed tables by path, like the seed's functools.lru_cache on get_best_config: the file is
+// read once per process. clearConfigCache() forgets them.
+const tableCache = new Map<string, ConfigTable>();
+
+/** Forgets the tables {@link configFromEnv} has read, so edited files are read again. */
+export function clearConfigCache(): void {
+  tableCache.clear();
+}
+
+/**
+ * The config for `numTokens` from the table named by the `ALPHA_MOE_CONFIG` environment
+ * variable (a path), or undefined when the variable is unset or empty. The table is read
+ * once per path and cached (see {@link clearConfigCache}).
+ *
+ * Permission errors are not swallowed: without `--allow-env` (or `--allow-read` for the file)
+ * Deno's `NotCapable` error propagates unchanged.
+ *
+ * @throws {ConfigError} if the file is not a valid table
+ */
+export function configFromEnv(numTokens: number): KernelConfig | undefined {
+  const path = Deno.env.get(CONFIG_ENV_VAR);
+  if (path === undefined || path === "") return undefined;
+  let table = tableCache.get(path);
+  if (table === undefined) {
+    table = loadConfigTableSync(path);
+    tableCache.set(path, table);
+  }
+  return selectConfig(table, numTokens);
+}
+
+/**
+ * Built-in configs by token count, used by {@link defaultConfig}: the first row whose
+ * `maxTokens` is at least the token count applies. Plain, valid everywhere, not tuned.
+ *
+ * | tokens     | block_m | block_n | warp_n | stages |
+ * |------------|---------|---------|--------|--------|
+ * | <= 32      | 16      | 32      | 8      | 4      |
+ * | <= 512     | 32      | 32      | 8      | 4      |
+ * | more       | 64      | 32      | 8      | 3      |
+ */
+export const DEFAULT_CONFIGS: readonly {
+  readonly maxTokens: number;
+  readonly config: KernelConfig;
+}[] = Object.freeze([
+  { maxTokens: 32, config: Object.freeze({ blockM: 16, blockN: 32, warpN: 8, stages: 4 }) },
+  { maxTokens: 512, config: Object.freeze({ blockM: 32, blockN: 32, warpN: 8, stages: 4 }) },
+  {
+    maxTokens: Infinity,
+    config: Object.freeze({ blockM: 64, blockN: 32, warpN: 8, stages: 3 }),
+  },
+]);
+
+/** A sensible untuned config for `numTokens`, from {@link DEFAULT_CONFIGS}. */
+export function defaultConfig(numTokens: number): KernelConfig {
+  for (const row of DEFAULT_CONFIGS) {
+    if (numTokens <= row.maxTokens) return row.config;
+  }
+  return DEFAULT_CONFIGS[DEFAULT_CONFIGS.length - 1].config;
+}

@@ -1,0 +1,58 @@
+/**
+ * `deno task sanitize`: runs the fused kernel once per (block_n, warp_n) pair on a small random
+ * problem under compute-sanitizer (memcheck, then racecheck), with the -lineinfo build.
+ * `--child` is the part that runs under the sanitizer.
+ *
+ * @module
+ */
+import $ from "@david/dax";
+import { DeviceMoeProblem } from "../src/problem.ts";
+import { makeRandomMoeProblem } from "../src/random.ts";
+import { fusedMoeReference, relativeL2 } from "../src/reference.ts";
+import { buildLibrary } from "./nvcc.ts";
+
+const PAIRS = [[64, 4], [32, 8]] as const;
+
+function child(): void {
+  const p = makeRandomMoeProblem({
+    M: 37,
+    K: 512,
+    N: 512,
+    numExperts: 8,
+    topK: 3,
+    blockM: 16,
+    seed: 11,
+  });
+  using dev = new DeviceMoeProblem(p, { dropExperts: [2] });
+  const ref = fusedMoeReference({ ...p, ...dev.routing(16), requant: true });
+  for (const [blockN, warpN] of PAIRS) {
+    dev.run({ blockM: 16, blockN, warpN, stages: 2 });
+    const err = relativeL2(dev.readOut(), ref);
+    console.log(`(${blockN}, ${warpN}): relative L2 ${err.toExponential(3)}`);
+    if (!(err <= 1e-2)) throw new Error(`(${blockN}, ${warpN}) is wrong under the sanitizer`);
+  }
+}
+
+async function main(): Promise<number> {
+  if (!(await $.commandExists("compute-sanitizer"))) {
+    console.error("compute-sanitizer is not on PATH (it ships with the CUDA toolkit)");
+    return 1;
+  }
+  const lib = await buildLibrary({ debug: true, quiet: true });
+  const script = $.path(new URL(import.meta.url)).toString();
+  let failed = 0;
+  for (const tool of ["memcheck", "racecheck"]) {
+    const result =
+      await $`compute-sanitizer --tool ${tool} --error-exitcode 3 ${Deno.execPath()} run -A --cached-only ${script} --child`
+        .env({ ALPHA_MOE_LIB: lib.path })
+        .noThrow();
+    console.log(`${tool}: ${result.code === 0 ? "clean" : `FAILED (exit ${result.code})`}`);
+    if (result.code !== 0) failed++;
+  }
+  return failed === 0 ? 0 : 1;
+}
+
+if (import.meta.main) {
+  if (Deno.args.includes("--child")) child();
+  else Deno.exit(await main());
+}

@@ -1,0 +1,316 @@
+// The fused kernel against the CPU reference on random data (never zeros), the golden
+// vectors, CUDA graph capture and bad inputs. Needs a Hopper GPU; ignored elsewhere.
+import assert from "node:assert/strict";
+import { DeviceBuffer } from "../src/buffer.ts";
+import { decodeBf16, encodeBf16 } from "../src/codecs.ts";
+import type { KernelConfig } from "../src/config.ts";
+import { CudaGraph, Stream } from "../src/device.ts";
+import { checkKernelConfig, fusedMoeW8A8UpDown } from "../src/fused_moe.ts";
+import { interleaveGateUp } from "../src/interleave.ts";
+import { DeviceMoeProblem } from "../src/problem.ts";
+import { makeRandomMoeProblem, type MoeProblem } from "../src/random.ts";
+import { fusedMoeReference, relativeL2 } from "../src/reference.ts";
+import { loadSafetensors } from "../src/safetensors.ts";
+import { InvalidArgumentError, UnsupportedError } from "../ffi/errors.ts";
+import { gpuTest } from "./_gpu.ts";
+
+/** The kernel keeps the intermediate in fp32 until it is quantised: 1 % is the bar. */
+const TOLERANCE = 1e-2;
+const PAIRS = [[64, 4], [32, 8]] as const;
+/** The shared golden vectors (too big for the fixtures); ALPHA_MOE_TESTDATA overrides. */
+const TESTDATA = Deno.env.get("ALPHA_MOE_TESTDATA")
+  ? new URL(`file://${Deno.realPathSync(Deno.env.get("ALPHA_MOE_TESTDATA")!)}/`)
+  : new URL("../../shared/testdata/", import.meta.url);
+
+function cfg(blockM: number, blockN: number, warpN: number, stages: number): KernelConfig {
+  return { blockM, blockN, warpN, stages };
+}
+
+/** References with and without the intermediate re-quantisation, for `rows` (all if absent). */
+function references(
+  dev: DeviceMoeProblem,
+  p: MoeProblem,
+  blockM: number,
+  rows?: number[],
+): { requant: Float32Array; fp32: Float32Array } {
+  const routing = dev.routing(blockM);
+  const args = { ...p, ...routing, blockM, rows };
+  return {
+    requant: fusedMoeReference({ ...args, requant: true }),
+    fp32: fusedMoeReference({ ...args, requant: false }),
+  };
+}
+
+function pick(a: Float32Array, K: number, rows: readonly number[]): Float32Array {
+  const out = new Float32Array(rows.length * K);
+  rows.forEach((r, i) => out.set(a.subarray(r * K, (r + 1) * K), i * K));
+  return out;
+}
+
+function assertClose(got: Float32Array, ref: Float32Array, what: string): number {
+  for (let i = 0; i < got.length; i++) {
+    if (Number.isNaN(got[i])) assert.fail(`${what}: NaN at ${i}`);
+  }
+  const err = relativeL2(got, ref);
+  assert.ok(err <= TOLERANCE, `${what}: relative L2 ${err.toExponential(3)} > ${TOLERANCE}`);
+  return err;
+}
+
+gpuTest("golden moe_small / moe_medium through the kernel: <= 1 % of out_requant", async () => {
+  const cases = [
+    { file: new URL("./fixtures/moe_small.safetensors", import.meta.url), blockM: 16 },
+    { file: new URL("moe_medium.safetensors", TESTDATA), blockM: 8 },
+  ];
+  for (const c of cases) {
+    let f;
+    try {
+      f = await loadSafetensors(c.file);
+    } catch (error) {
+      if (error instanceof Deno.errors.NotFound) {
+        console.log(`skipped ${c.file.pathname}: not present on this machine`);
+        continue;
+      }
+      throw error;
+    }
+    const [M, K] = f.get("x_q")!.shape;
+    const [E, N] = f.get("w")!.shape;
+    const topK = f.get("topk_ids")!.shape[1];
+    const rsf = Number(f.metadata.rsf);
+    const w = interleaveGateUp(f.f8("w"), [E, N, K], 8);
+    const wScale = interleaveGateUp(f.f32("w_scale"), [E, N / 128, K / 128], 1);
+    const sorted = f.i32("sorted_token_ids");
+    const up = {
+      x: DeviceBuffer.from("fp8_e4m3", [M, K], f.f8("x_q")),
+      xScale: DeviceBuffer.from("f32", [M, K / 128], f.f32("x_scale")),
+      w: DeviceBuffer.from("fp8_e4m3", [E, N, K], w),
+      wScale: DeviceBuffer.from("f32", [E, N / 128, K / 128], wScale),
+      w2: DeviceBuffer.from("fp8_e4m3", [E, K, N / 2], f.f8("w2")),
+      w2Scale: DeviceBuffer.from("f32", [E, K / 128, N / 256], f.f32("w2_scale")),
+      sortedTokenIds: DeviceBuffer.from("i32", [sorted.length], sorted),
+      expertIds: DeviceBuffer.from("i32", [f.i32("expert_ids").length], f.i32("expert_ids")),
+      numTokensPostPadded: DeviceBuffer.from("i32", [1], f.i32("num_tokens_post_padded")),
+      topkWeights: DeviceBuffer.from("f32", [M, topK], f.f32("topk_weights")),
+      out: DeviceBuffer.alloc("bf16", [M, K]),
+    };
+    try {
+      for (const [bn, wn] of PAIRS) {
+        fusedMoeW8A8UpDown(up, { topK, config: cfg(c.blockM, bn, wn, 3), scalingFactor: rsf });
+        const out = decodeBf16(up.out.download());
+        const name = c.file.pathname.split("/").pop();
+        const err = assertClose(out, f.f32("out_requant"), `${name} (${bn}, ${wn})`);
+        const seed = relativeL2(
+          decodeBf16(f.bf16(`out_seed_bn${bn}_wn${wn}`)),
+          f.f32("out_requant"),
+        );
+        console.log(
+          `${name} (${bn},${wn}): vs out_requant ${(err * 100).toFixed(2)} % ` +
+            `(seed kernel ${(seed * 100).toFixed(2)} %), vs out_fp32 ` +
+            `${(relativeL2(out, f.f32("out_fp32")) * 100).toFixed(2)} %`,
+        );
+      }
+    } finally {
+      for (const b of Object.values(up)) b.free();
+    }
+  }
+});
+
+gpuTest("every block_m, both (block_n, warp_n) pairs, stages 1..5 on a small shape", () => {
+  const p = makeRandomMoeProblem({
+    M: 45,
+    K: 384,
+    N: 512,
+    numExperts: 12,
+    topK: 4,
+    blockM: 8,
+    seed: 3,
+  });
+  using dev = new DeviceMoeProblem(p, { dropExperts: [5] });
+  const ref = references(dev, p, 8).requant;
+  let worst = 0;
+  for (let blockM = 8; blockM <= 128; blockM += 8) {
+    for (const [bn, wn] of PAIRS) {
+      for (let stages = 1; stages <= 5; stages++) {
+        dev.run(cfg(blockM, bn, wn, stages));
+        const err = assertClose(
+          dev.readOut(),
+          ref,
+          `block_m ${blockM} (${bn}, ${wn}) stages ${stages}`,
+        );
+        worst = Math.max(worst, err);
+      }
+    }
+  }
+  console.log(`160 configs, worst relative L2 ${worst.toExponential(3)}`);
+});
+
+gpuTest("configs the kernel cannot run are refused with the reason", () => {
+  // 8 stages of 64-token tiles need about 340 KB of shared memory.
+  assert.throws(
+    () => checkKernelConfig(7168, 256, cfg(64, 32, 8, 8)),
+    (e: unknown) => e instanceof UnsupportedError && /shared memory/.test(e.message),
+  );
+  assert.throws(() => checkKernelConfig(7168, 256, cfg(64, 48, 4, 2)), UnsupportedError);
+  assert.throws(() => checkKernelConfig(7168, 250, cfg(16, 32, 8, 2)), InvalidArgumentError);
+  checkKernelConfig(7168, 256, cfg(128, 32, 8, 4));
+  // The launch path refuses the same config and enqueues nothing.
+  const p = makeRandomMoeProblem({
+    M: 4,
+    K: 256,
+    N: 256,
+    numExperts: 4,
+    topK: 2,
+    blockM: 64,
+    seed: 9,
+  });
+  using dev = new DeviceMoeProblem(p);
+  assert.throws(() => dev.run(cfg(64, 32, 8, 8)), /needs \d+ bytes of shared memory/);
+});
+
+const SHAPES = [
+  { E: 257, N: 256, K: 7168, topK: 9 },
+  { E: 512, N: 256, K: 2048, topK: 10 },
+  { E: 257, N: 512, K: 7168, topK: 9 },
+  { E: 128, N: 768, K: 4096, topK: 8 },
+];
+
+for (const s of SHAPES) {
+  gpuTest(
+    `E=${s.E} N=${s.N} K=${s.K} top_k=${s.topK}: M in {1, 7, 64, 300}, skew, dropped experts`,
+    () => {
+      for (const M of [1, 7, 64, 300]) {
+        for (const skew of M >= 64 ? [0, 1.2] : [0]) {
+          const blockM = M < 64 ? 16 : 32;
+          const p = makeRandomMoeProblem({
+            M,
+            K: s.K,
+            N: s.N,
+            numExperts: s.E,
+            topK: s.topK,
+            blockM,
+            seed: M * 7 + s.E,
+            skew,
+          });
+          // Token 0's experts go to "another GPU" (for M > 1): its row must stay exactly zero.
+          const drop = M > 1 ? [...p.topkIds.subarray(0, s.topK)] : [];
+          using dev = new DeviceMoeProblem(p, { dropExperts: drop });
+          const rows = M <= 8 ? [...Array(M).keys()] : [0, 1, 2, M >> 1, M - 2, M - 1];
+          const ref = references(dev, p, blockM, rows);
+          const failures: string[] = [];
+          for (const [bn, wn] of PAIRS) {
+            dev.run(cfg(blockM, bn, wn, 3));
+            const out = dev.readOut();
+            const got = pick(out, s.K, rows);
+            const what = `M=${M} skew=${skew} (${bn}, ${wn})`;
+            const err = relativeL2(got, pick(ref.requant, s.K, rows));
+            console.log(
+              `${what}: rel L2 ${err.toExponential(2)} (vs pure fp32 ` +
+                `${relativeL2(got, pick(ref.fp32, s.K, rows)).toExponential(2)})`,
+            );
+            if (!(err <= TOLERANCE)) failures.push(`${what}: relative L2 ${err.toExponential(3)}`);
+            if (got.some(Number.isNaN)) failures.push(`${what}: NaN`);
+            if (M > 1 && !out.subarray(0, s.K).every((v) => v === 0)) {
+              failures.push(`${what}: row 0 (routed nowhere) is not zero`);
+            }
+          }
+          assert.deepEqual(failures, []);
+        }
+      }
+    },
+  );
+}
+
+// With top_k = 1 and one N slice every output element gets exactly one bf16 addition, so the
+// result does not depend on the order of the atomics: any difference between runs is a race.
+gpuTest("bitwise repeatable when each output has one contribution (race detector)", () => {
+  const p = makeRandomMoeProblem({
+    M: 77,
+    K: 1024,
+    N: 256,
+    numExperts: 6,
+    topK: 1,
+    blockM: 8,
+    seed: 4,
+  });
+  using dev = new DeviceMoeProblem(p);
+  for (const blockM of [8, 24, 64, 128]) {
+    for (const [bn, wn] of PAIRS) {
+      for (const stages of [1, 2, 4]) {
+        const config = cfg(blockM, bn, wn, stages);
+        dev.run(config);
+        const first = dev.out.download();
+        for (let rep = 0; rep < 3; rep++) {
+          dev.run(config);
+          assert.deepEqual(dev.out.download(), first, `block_m ${blockM} (${bn}, ${wn}) ${stages}`);
+        }
+      }
+    }
+  }
+});
+
+gpuTest("the kernel adds into out, and replays from a CUDA graph", () => {
+  const p = makeRandomMoeProblem({
+    M: 33,
+    K: 512,
+    N: 256,
+    numExperts: 16,
+    topK: 1,
+    blockM: 16,
+    seed: 21,
+  });
+  using dev = new DeviceMoeProblem(p);
+  const config = cfg(16, 32, 8, 4);
+  dev.run(config);
+  const direct = dev.out.download();
+  assert.ok(direct.some((v) => v !== 0));
+
+  // outIsZeroed: true keeps what is there; one bf16 addition per element: out = bf16(1 + d).
+  const ones = new Uint16Array(p.M * p.K).fill(0x3f80); // bf16 1.0
+  dev.out.upload(ones);
+  dev.run(config, { outIsZeroed: true });
+  const added = dev.out.download();
+  const want = encodeBf16(decodeBf16(direct).map((d) => 1 + d));
+  assert.deepEqual(added, want);
+
+  using stream = new Stream();
+  dev.tensors(config.blockM); // make the routing buffers before capturing
+  using graph = CudaGraph.capture(stream, () => dev.run(config, { stream }));
+  dev.out.upload(ones); // the graph zeroes out itself
+  graph.launch(stream);
+  graph.launch(stream);
+  stream.synchronize();
+  assert.deepEqual(dev.out.download(), direct);
+});
+
+gpuTest("bad inputs: wrong dtype, wrong shape, freed buffer, bad config", () => {
+  const p = makeRandomMoeProblem({
+    M: 8,
+    K: 256,
+    N: 256,
+    numExperts: 4,
+    topK: 2,
+    blockM: 16,
+    seed: 5,
+  });
+  using dev = new DeviceMoeProblem(p);
+  const t = dev.tensors(16);
+  const opts = { topK: 2, config: cfg(16, 32, 8, 2) };
+  using wrongType = DeviceBuffer.alloc("f32", [8, 256]);
+  assert.throws(
+    () => fusedMoeW8A8UpDown({ ...t, out: wrongType }, opts),
+    /out is f32 \[8, 256\], expected bf16 \[8, 256\]/,
+  );
+  using wrongShape = DeviceBuffer.alloc("f32", [8, 3]);
+  assert.throws(
+    () => fusedMoeW8A8UpDown({ ...t, xScale: wrongShape }, opts),
+    /xScale is f32 \[8, 3\], expected f32 \[8, 2\]/,
+  );
+  assert.throws(() => fusedMoeW8A8UpDown(t, { ...opts, topK: 3 }), /topkWeights/);
+  assert.throws(() => fusedMoeW8A8UpDown(t, { ...opts, config: cfg(12, 32, 8, 2) }), /block_m/);
+  const gone = DeviceBuffer.alloc("bf16", [8, 256]);
+  gone.free();
+  assert.throws(() => fusedMoeW8A8UpDown({ ...t, out: gone }, opts), /used after free/);
+  // Nothing was launched by the refused calls: the last good result is still there.
+  dev.run(opts.config);
+  const out = dev.readOut();
+  assert.ok(out.some((v) => v !== 0) && out.every(Number.isFinite));
+});

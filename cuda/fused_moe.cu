@@ -44,11 +44,13 @@ int device_smem_optin(int* bytes) {
   return AMOE_OK;
 }
 
-// Chooses the variant for a config; *smem receives its shared-memory size.
+// Chooses the variant for a config on the current device: the fewest token sub-tiles (the
+// largest T) whose accumulators fit the registers and whose shared memory fits the device,
+// so that every config of the seed's search space runs. *smem receives its size.
 int resolve_config(const Config& c, const FusedMoeVariant** variant, int* smem) {
   if (c.block_m < 8 || c.block_m > 128 || c.block_m % 8 != 0) {
-    return fail(AMOE_ERR_UNSUPPORTED, "block_m %d is not supported: valid values are 8..128 in steps of 8",
-                c.block_m);
+    return fail(AMOE_ERR_UNSUPPORTED,
+                "block_m %d is not supported: valid values are 8..128 in steps of 8", c.block_m);
   }
   const int wgs = consumer_wgs_for(c.block_n, c.warp_n);
   if (wgs == 0) {
@@ -60,27 +62,25 @@ int resolve_config(const Config& c, const FusedMoeVariant** variant, int* smem) 
     return fail(AMOE_ERR_UNSUPPORTED, "stages %d is not supported: valid values are 1..%d",
                 c.stages, kMaxStages);
   }
-  const int subtiles = (c.block_m + max_tokens(wgs) - 1) / max_tokens(wgs);
-  const int tokens = round_up((c.block_m + subtiles - 1) / subtiles, 8);
-  *variant = find_variant(tokens, wgs);
-  if (*variant == nullptr) {
-    return fail(AMOE_ERR_UNSUPPORTED, "no compiled variant for %d tokens x %d warpgroups", tokens,
-                wgs);
-  }
-  *smem = (*variant)->smem_bytes(c.stages, c.block_m);
-  return AMOE_OK;
-}
-
-int check_smem_fits(const Config& c, int smem) {
   int optin = 0;
   AMOE_TRY(device_smem_optin(&optin));
-  if (smem > optin) {
-    return fail(AMOE_ERR_UNSUPPORTED,
-                "config (block_m %d, block_n %d, warp_n %d, stages %d) needs %d bytes of shared "
-                "memory; this device allows %d per block: use fewer stages or a smaller block_m",
-                c.block_m, c.block_n, c.warp_n, c.stages, smem, optin);
+  int smallest = 0;
+  for (int subtiles = (c.block_m + max_tokens(wgs) - 1) / max_tokens(wgs);; ++subtiles) {
+    const int tokens = round_up((c.block_m + subtiles - 1) / subtiles, 8);
+    *variant = find_variant(tokens, wgs);
+    if (*variant == nullptr) {
+      return fail(AMOE_ERR_UNSUPPORTED, "no compiled variant for %d tokens x %d warpgroups",
+                  tokens, wgs);
+    }
+    *smem = (*variant)->smem_bytes(c.stages, c.block_m);
+    if (*smem <= optin) return AMOE_OK;
+    smallest = *smem;
+    if (tokens == 8) break;
   }
-  return AMOE_OK;
+  return fail(AMOE_ERR_UNSUPPORTED,
+              "config (block_m %d, block_n %d, warp_n %d, stages %d) needs at least %d bytes of "
+              "shared memory; this device allows %d per block: use fewer stages",
+              c.block_m, c.block_n, c.warp_n, c.stages, smallest, optin);
 }
 
 // ---- TMA tensor maps, encoded through the driver entry point (no link against libcuda) ----
@@ -168,9 +168,8 @@ int amoe_fused_moe_check_config(int32_t K, int32_t N, int32_t block_m, int32_t b
   const Config c{block_m, block_n, warp_n, stages};
   const FusedMoeVariant* variant = nullptr;
   int smem = 0;
-  AMOE_TRY(resolve_config(c, &variant, &smem));
   AMOE_TRY(select_device());
-  return check_smem_fits(c, smem);
+  return resolve_config(c, &variant, &smem);
 }
 
 int amoe_fused_moe_w8a8_up_down(const void* x, const float* x_scale, const void* w,
@@ -195,16 +194,16 @@ int amoe_fused_moe_w8a8_up_down(const void* x, const float* x_scale, const void*
   AMOE_REQUIRE(std::isfinite(scaling_factor), "scaling_factor must be finite");
   AMOE_REQUIRE(aligned(x, 16) && aligned(w, 16) && aligned(w2, 16),
                "x, w and w2 must be 16-byte aligned (TMA)");
-  AMOE_REQUIRE(aligned(out, 4) && aligned(x_scale, 4) && aligned(w_scale, 4) &&
+  AMOE_REQUIRE(aligned(out, 16), "out must be 16-byte aligned (bulk reductions)");
+  AMOE_REQUIRE(aligned(x_scale, 4) && aligned(w_scale, 4) &&
                    aligned(w2_scale, 4) && aligned(topk_weights, 4) &&
                    aligned(sorted_token_ids, 4) && aligned(expert_ids, 4),
                "scale, weight, id and output pointers must be 4-byte aligned");
   const Config c{block_m, block_n, warp_n, stages};
   const FusedMoeVariant* variant = nullptr;
   int smem = 0;
-  AMOE_TRY(resolve_config(c, &variant, &smem));
   AMOE_TRY(select_device());
-  AMOE_TRY(check_smem_fits(c, smem));
+  AMOE_TRY(resolve_config(c, &variant, &smem));
   if (M == 0 || sorted_len == 0) return AMOE_OK;
 
   int device = 0;

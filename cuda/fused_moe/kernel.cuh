@@ -25,6 +25,11 @@
 // Phase parity flips each time the ring wraps; the producer's first pass waits on parity 1,
 // which a fresh barrier reports as complete.
 //
+// Output. Each down tile's results (times the block scale, the activation scale, the top-k
+// weight and the scaling factor) are rounded to bf16 into a per-warpgroup staging tile, one
+// row per token, and added into `out` by the TMA engine (cp.reduce.async.bulk .add.bf16):
+// one L2 operation per token row rather than one atomic per element pair.
+//
 // Shared-memory tiles are K-major rows of 128 bytes with the 128-byte swizzle (TMA writes
 // them swizzled; the activation tile is written by hand in the same pattern).
 #pragma once
@@ -67,17 +72,23 @@ struct FusedMoeParams {
 
 __host__ __device__ constexpr int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
-// Shared-memory layout of one CTA for T tokens per sub-tile.
-template <int T>
+// Shared-memory layout of one CTA for T tokens per sub-tile and WGS consumer warpgroups.
+template <int T, int WGS>
 struct SmemLayout {
   static constexpr int kTokenTileBytes = T * kKBlock;
   static constexpr int kXOffset = kWeightTileBytes;
   static constexpr int kScaleOffset = kXOffset + kTokenTileBytes;  // x scales [T], 2 w scales
   static constexpr int kStageBytes = round_up(kScaleOffset + T * 4 + 8, 1024);
+  // Output staging of one consumer warpgroup: a bf16 row of its 256/WGS output columns per
+  // token, padded by 16 bytes so the four token rows a warp writes at once hit other banks.
+  static constexpr int kStagingRowBytes = kSliceRows / WGS * 2;
+  static constexpr int kStagingStride = kStagingRowBytes + 16;
+  static constexpr int kStagingBytes = T * kStagingStride;
 
-  // Bytes after the ring: activation tile, two amax buffers, per-slot token row and weight.
+  // Bytes after the ring: activation tile, output staging per warpgroup, two amax buffers,
+  // per-slot token row and weight.
   __host__ __device__ static constexpr int tail_bytes(int block_m) {
-    return kTokenTileBytes + 2 * T * 4 + block_m * 8;
+    return kTokenTileBytes + WGS * kStagingBytes + 2 * T * 4 + block_m * 8;
   }
   __host__ __device__ static constexpr int total_bytes(int stages, int block_m) {
     return 1024 /* alignment slack */ + stages * kStageBytes + tail_bytes(block_m) +
@@ -123,7 +134,7 @@ template <int T>
 __device__ __forceinline__ void produce(const CUtensorMap* x_map, const CUtensorMap* w_map,
                                         const CUtensorMap* w2_map, const FusedMoeParams& p,
                                         const BlockInfo& b, Ring ring, int lane) {
-  using L = SmemLayout<T>;
+  using L = SmemLayout<T, 1>;  // the ring's layout does not depend on WGS
   if (lane == 0) {
     ptx::prefetch_tensor_map(x_map);
     ptx::prefetch_tensor_map(w_map);
@@ -133,49 +144,83 @@ __device__ __forceinline__ void produce(const CUtensorMap* x_map, const CUtensor
   const float* ws_gate = p.w_scale + (size_t(b.expert) * (p.N / 128) + 2 * b.slice) * b.kblocks;
   const float* ws_up = ws_gate + b.kblocks;
   const float* w2s = p.w2_scale + size_t(b.expert) * b.kblocks * slices + b.slice;
+  // Scales are loaded one stage ahead into registers, so that a global load's latency never
+  // sits between an empty slot and its TMA copies.
+  constexpr int kPerLane = (T + 31) / 32;
   for (int sub = 0; sub < b.subtiles; ++sub) {
     const int t0 = sub * T;
     const int tcount = min(T, p.block_m - t0);
     int loaded = 0;  // rows of this sub-tile that hold a real token
     for (int i = 0; i < tcount; ++i) loaded += b.tok_row[t0 + i] >= 0;
+    int rows[kPerLane];  // token row of each of this lane's columns, or -1
+#pragma unroll
+    for (int r = 0; r < kPerLane; ++r) {
+      const int i = lane + 32 * r;
+      rows[r] = i < tcount ? b.tok_row[t0 + i] : -1;
+    }
+    float xs[kPerLane], gate = 0.0f, up = 0.0f;
+    auto load_up_scales = [&](int kb) {
+#pragma unroll
+      for (int r = 0; r < kPerLane; ++r) {
+        xs[r] = rows[r] >= 0 ? p.x_scale[size_t(rows[r]) * b.kblocks + kb] : 0.0f;
+      }
+      if (lane == 0) {
+        gate = ws_gate[kb];
+        up = ws_up[kb];
+      }
+    };
+    load_up_scales(0);
 
     for (int kb = 0; kb < b.kblocks; ++kb) {
       ptx::mbar_wait(&ring.empty[ring.stage], ring.phase ^ 1);
       uint8_t* st = ring.current();
       uint64_t* full = &ring.full[ring.stage];
-      float* sc = reinterpret_cast<float*>(st + L::kScaleOffset);  // x scales [T], gate, up
       if (lane == 0) {
         ptx::mbar_expect_tx(full, kWeightTileBytes + loaded * kKBlock);
         ptx::tma_load_3d(st, w_map, full, kb * kKBlock, b.slice * kSliceRows, b.expert);
       }
-      for (int i = lane; i < tcount; i += 32) {
-        const int row = b.tok_row[t0 + i];
-        if (row >= 0) ptx::tma_load_2d(st + L::kXOffset + i * kKBlock, x_map, full, kb * kKBlock, row);
+#pragma unroll
+      for (int r = 0; r < kPerLane; ++r) {
+        if (rows[r] >= 0) {
+          ptx::tma_load_2d(st + L::kXOffset + (lane + 32 * r) * kKBlock, x_map, full,
+                           kb * kKBlock, rows[r]);
+        }
       }
-      for (int i = lane; i < T; i += 32) {
-        const int row = i < tcount ? b.tok_row[t0 + i] : -1;
-        sc[i] = row >= 0 ? p.x_scale[size_t(row) * b.kblocks + kb] : 0.0f;
+      float* sc = reinterpret_cast<float*>(st + L::kScaleOffset);  // x scales [T], gate, up
+#pragma unroll
+      for (int r = 0; r < kPerLane; ++r) {
+        if (lane + 32 * r < T) sc[lane + 32 * r] = xs[r];
       }
       if (lane == 0) {
-        sc[T] = ws_gate[kb];
-        sc[T + 1] = ws_up[kb];
+        sc[T] = gate;
+        sc[T + 1] = up;
       }
       ptx::mbar_arrive(full);  // after this lane's scale writes
+      if (kb + 1 < b.kblocks) load_up_scales(kb + 1);
       ring.advance();
     }
+
+    float w2_lo = 0.0f, w2_hi = 0.0f;  // the w2 scales of a down tile's two 128-row halves
+    auto load_down_scales = [&](int dt) {
+      if (lane == 0) {
+        w2_lo = w2s[size_t(2 * dt) * slices];
+        w2_hi = 2 * dt + 1 < b.kblocks ? w2s[size_t(2 * dt + 1) * slices] : 0.0f;
+      }
+    };
+    load_down_scales(0);
     for (int dt = 0; dt < b.down_tiles; ++dt) {
       ptx::mbar_wait(&ring.empty[ring.stage], ring.phase ^ 1);
       uint8_t* st = ring.current();
       uint64_t* full = &ring.full[ring.stage];
-      float* sc = reinterpret_cast<float*>(st + L::kScaleOffset) + T;  // w2 scales of 2 K blocks
       if (lane == 0) {
-        const int kb0 = 2 * dt;
-        sc[0] = w2s[size_t(kb0) * slices];
-        sc[1] = kb0 + 1 < b.kblocks ? w2s[size_t(kb0 + 1) * slices] : 0.0f;
         ptx::mbar_expect_tx(full, kWeightTileBytes);
         ptx::tma_load_3d(st, w2_map, full, b.slice * kKBlock, dt * kSliceRows, b.expert);
+        float* sc = reinterpret_cast<float*>(st + L::kScaleOffset) + T;
+        sc[0] = w2_lo;
+        sc[1] = w2_hi;
       }
       ptx::mbar_arrive(full);
+      if (dt + 1 < b.down_tiles) load_down_scales(dt + 1);
       ring.advance();
     }
   }
@@ -185,8 +230,9 @@ __device__ __forceinline__ void produce(const CUtensorMap* x_map, const CUtensor
 // Consumers: WGS warpgroups, each owning 256/WGS rows of every weight tile.
 template <int T, int WGS>
 __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo& b, Ring ring,
-                                        uint8_t* act, uint32_t* amax, int ctid) {
-  using L = SmemLayout<T>;
+                                        uint8_t* act, uint8_t* staging, uint32_t* amax,
+                                        int ctid) {
+  using L = SmemLayout<T, WGS>;
   constexpr int kRowsPerWg = kSliceRows / WGS;
   constexpr int kTiles = kRowsPerWg / 64;  // m64 wgmma tiles per consumer warpgroup
   constexpr int kRegs = T / 2;             // accumulator registers per m64 x T tile
@@ -272,7 +318,6 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
 
     // ---- re-quantise per token over the slice's 128 intermediates; write the B tile ----
     float col_factor[T / 8][2];  // topk weight * scaling factor * activation scale
-    int col_row[T / 8][2];       // output token row, or -1
 #pragma unroll
     for (int j = 0; j < T / 8; ++j) {
 #pragma unroll
@@ -280,7 +325,6 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
         const int col = j * 8 + quad * 2 + h;
         const float scale = fmaxf(__uint_as_float(amax_cur[col]), 1e-10f) / kFp8Max;
         const bool live = col < tcount;
-        col_row[j][h] = live ? b.tok_row[t0 + col] : -1;
         col_factor[j][h] = live ? b.tok_weight[t0 + col] * scale : 0.0f;
 #pragma unroll
         for (int m = 0; m < kTiles; ++m) {
@@ -297,6 +341,11 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
     ptx::named_barrier_sync(1, kConsumerThreads);
 
     // ---- down projection and weighted accumulation into out ----
+    // Each warpgroup stages its bf16 results for the tile as one row per token and has the
+    // TMA engine add whole rows into out (cp.reduce.async.bulk): one L2 operation per token
+    // row instead of one atomic per pair of elements.
+    uint8_t* stage_out = staging + (ctid / 128) * L::kStagingBytes;
+    const uint32_t wg_barrier = 2 + ctid / 128;
     for (int dt = 0; dt < b.down_tiles; ++dt) {
       ptx::mbar_wait(&ring.full[ring.stage], ring.phase);
       const uint8_t* st = ring.current();
@@ -304,6 +353,8 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
       float tile_scale[kTiles];
 #pragma unroll
       for (int m = 0; m < kTiles; ++m) tile_scale[m] = w2s[(wg_row0 + m * 64) / 128];
+      if (warp == 0) ptx::bulk_wait_read();  // the last tile's rows have left the staging
+      ptx::named_barrier_sync(wg_barrier, 128);
 #pragma unroll
       for (int m = 0; m < kTiles; ++m) {
         ptx::wgmma_fence();
@@ -316,33 +367,47 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
         ptx::wgmma_wait<0>();
         if (m == kTiles - 1) ptx::mbar_arrive(&ring.empty[ring.stage]);  // reads done
 
-        const int tile_k0 = dt * kSliceRows + wg_row0 + m * 64;
-        if (tile_k0 >= p.K) continue;  // past K (when K % 256 == 128): warp-uniform
-        const int k0 = tile_k0 + warp * 16 + row_in_warp;
+        const int local0 = m * 64 + warp * 16 + row_in_warp;  // column of out, within the WG
         const bool even = (row_in_warp & 1) == 0;
 #pragma unroll
         for (int j = 0; j < T / 8; ++j) {
 #pragma unroll
-          for (int half = 0; half < 2; ++half) {  // fragment rows k0 and k0 + 8
+          for (int half = 0; half < 2; ++half) {  // fragment rows local0 and local0 + 8
             const float v0 = part[4 * j + 2 * half] * tile_scale[m] * col_factor[j][0];
             const float v1 = part[4 * j + 2 * half + 1] * tile_scale[m] * col_factor[j][1];
-            // Pair rows (k, k+1) of one token in one thread for a bf16x2 reduction: even rows
-            // keep column 0 and take the odd neighbour's column-0 value; odd rows keep
-            // column 1 and take the even neighbour's column-1 value.
+            // Pair columns (k, k+1) of one token in one thread for a 4-byte store: even rows
+            // keep token column 0 and take the odd neighbour's value of it; odd rows keep
+            // token column 1 and take the even neighbour's.
             const float sent = even ? v1 : v0;
             const float got = __shfl_xor_sync(0xffffffffu, sent, 4);
-            const int k = k0 + 8 * half;
-            const int row = even ? col_row[j][0] : col_row[j][1];
+            const int k = local0 + 8 * half - (even ? 0 : 1);
+            const int col = j * 8 + quad * 2 + (even ? 0 : 1);
+            const __nv_bfloat162 pair =
+                even ? __floats2bfloat162_rn(v0, got) : __floats2bfloat162_rn(got, v1);
+            *reinterpret_cast<__nv_bfloat162*>(stage_out + col * L::kStagingStride + k * 2) = pair;
+          }
+        }
+      }
+      ptx::fence_proxy_async_smem();  // the bulk reduction reads the staging through TMA
+      ptx::named_barrier_sync(wg_barrier, 128);
+      if (warp == 0) {
+        const int k_first = dt * kSliceRows + wg_row0;
+        const int columns = min(kRowsPerWg, p.K - k_first);  // < kRowsPerWg when K % 256 == 128
+        if (columns > 0) {
+          for (int t = lane; t < tcount; t += 32) {
+            const int row = b.tok_row[t0 + t];
             if (row >= 0) {
-              __nv_bfloat16* dst = p.out + size_t(row) * p.K + (even ? k : k - 1);
-              ptx::red_add_bf16x2(dst, even ? v0 : got, even ? got : v1);
+              ptx::bulk_reduce_add_bf16(p.out + size_t(row) * p.K + k_first,
+                                        stage_out + t * L::kStagingStride, columns * 2);
             }
           }
         }
+        ptx::bulk_commit();
       }
       ring.advance();
     }
   }
+  if (warp == 0) ptx::bulk_wait();  // the reductions are complete before the CTA retires
 }
 
 // ---------------------------------------------------------------------------------------
@@ -351,7 +416,7 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
     fused_moe_kernel(const __grid_constant__ CUtensorMap x_map,
                      const __grid_constant__ CUtensorMap w_map,
                      const __grid_constant__ CUtensorMap w2_map, const FusedMoeParams p) {
-  using L = SmemLayout<T>;
+  using L = SmemLayout<T, WGS>;
   const int block = blockIdx.x;
   if (block * p.block_m >= *p.num_tokens_post_padded) return;
   const int expert = p.expert_ids[block];
@@ -361,7 +426,8 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
   // Swizzled tiles need 1024-byte alignment; dynamic shared memory only promises 16.
   uint8_t* smem = smem_raw + ((1024 - ptx::smem_addr(smem_raw) % 1024) % 1024);
   uint8_t* act = smem + p.stages * L::kStageBytes;  // FP8 intermediate, T x 128, swizzled
-  uint32_t* amax = reinterpret_cast<uint32_t*>(act + L::kTokenTileBytes);  // [2][T] f32 bits
+  uint8_t* staging = act + L::kTokenTileBytes;  // [WGS][T][kStagingStride] bf16 rows
+  uint32_t* amax = reinterpret_cast<uint32_t*>(staging + WGS * L::kStagingBytes);  // [2][T]
   int32_t* tok_row = reinterpret_cast<int32_t*>(amax + 2 * T);              // [block_m]
   float* tok_weight = reinterpret_cast<float*>(tok_row + p.block_m);        // [block_m]
   uint64_t* full = reinterpret_cast<uint64_t*>(tok_weight + p.block_m);
@@ -396,11 +462,11 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
   // Each role is one branch of a single if/else so that setmaxnreg can move registers from
   // the producer warpgroup to the consumers.
   if (tid < 128) {
-    if constexpr (WGS > 1) ptx::setmaxnreg_dec<40>();
+    if constexpr (WGS > 1) ptx::setmaxnreg_dec<56>();
     if (tid < 32) produce<T>(&x_map, &w_map, &w2_map, p, info, ring, tid);
   } else {
-    if constexpr (WGS > 1) ptx::setmaxnreg_inc<232>();
-    consume<T, WGS>(p, info, ring, act, amax, tid - 128);
+    if constexpr (WGS > 1) ptx::setmaxnreg_inc<224>();
+    consume<T, WGS>(p, info, ring, act, staging, amax, tid - 128);
   }
 }
 

@@ -29,7 +29,7 @@ struct FusedMoeVariant {
 
 template <int T, int WGS>
 int fused_moe_smem_bytes(int stages, int block_m) {
-  return SmemLayout<T>::total_bytes(stages, block_m);
+  return SmemLayout<T, WGS>::total_bytes(stages, block_m);
 }
 
 template <int T, int WGS>

@@ -122,11 +122,25 @@ __device__ __forceinline__ void setmaxnreg_dec() {
 }
 
 // ---- output reduction ----
-// out[0..1] += (lo, hi) as one bf16x2 reduction (no return value, relaxed, device scope).
-__device__ __forceinline__ void red_add_bf16x2(void* out, float lo, float hi) {
-  uint32_t packed;
-  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(packed) : "f"(hi), "f"(lo));
-  asm volatile("red.global.add.noftz.bf16x2 [%0], %1;" ::"l"(out), "r"(packed) : "memory");
+// out[0 .. bytes/2) += smem[0 .. bytes/2) as bf16, done by the TMA engine in L2 (bytes a
+// multiple of 16, both addresses 16-byte aligned). Tracked per thread in bulk groups.
+__device__ __forceinline__ void bulk_reduce_add_bf16(void* out, const void* src, uint32_t bytes) {
+  asm volatile(
+      "cp.reduce.async.bulk.global.shared::cta.bulk_group.add.noftz.bf16 [%0], [%1], %2;" ::"l"(
+          out),
+      "r"(smem_addr(src)), "r"(bytes)
+      : "memory");
+}
+__device__ __forceinline__ void bulk_commit() {
+  asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+}
+// Waits until this thread's bulk operations have finished reading shared memory.
+__device__ __forceinline__ void bulk_wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+}
+// Waits until this thread's bulk operations are complete.
+__device__ __forceinline__ void bulk_wait() {
+  asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
 }
 
 }  // namespace amoe::ptx

@@ -26,7 +26,7 @@ int consumer_wgs_for(int block_n, int warp_n) {
 }
 
 // Largest sub-tile (tokens per wgmma) whose accumulators fit the consumer registers.
-int max_tokens(int wgs) { return wgs == 1 ? 40 : 72; }
+int max_tokens(int wgs) { return wgs == 1 ? 40 : 64; }
 
 const FusedMoeVariant* find_variant(int tokens, int wgs) {
   const FusedMoeVariant* table = wgs == 1 ? kVariantsWg1 : kVariantsWg2;

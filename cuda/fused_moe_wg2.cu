@@ -1,12 +1,12 @@
 // Instantiations with two consumer warpgroups ((block_n, warp_n) = (32, 8)): 2 m64 tiles of
-// accumulators per thread, so up to 72 tokens fit per sub-tile without spills (ptxas -v).
+// accumulators per thread, so up to 64 tokens fit per sub-tile without spills (ptxas -v).
 #include "fused_moe/launch.cuh"
 
 namespace amoe {
 const FusedMoeVariant kVariantsWg2[] = {
     AMOE_FUSED_MOE_VARIANT(8, 2),  AMOE_FUSED_MOE_VARIANT(16, 2), AMOE_FUSED_MOE_VARIANT(24, 2),
     AMOE_FUSED_MOE_VARIANT(32, 2), AMOE_FUSED_MOE_VARIANT(40, 2), AMOE_FUSED_MOE_VARIANT(48, 2),
-    AMOE_FUSED_MOE_VARIANT(56, 2), AMOE_FUSED_MOE_VARIANT(64, 2), AMOE_FUSED_MOE_VARIANT(72, 2),
+    AMOE_FUSED_MOE_VARIANT(56, 2), AMOE_FUSED_MOE_VARIANT(64, 2),
 };
 const int kVariantsWg2Count = sizeof(kVariantsWg2) / sizeof(kVariantsWg2[0]);
 }  // namespace amoe

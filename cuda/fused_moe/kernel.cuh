@@ -50,12 +50,10 @@ constexpr int kKBlock = 128;                            // K bytes per stage = o
 constexpr int kWeightTileBytes = kSliceRows * kKBlock;  // 32 KiB
 constexpr int kProducerLanes = 32;
 constexpr float kFp8Max = 448.0f;
-// wgmma k32 steps accumulated inside the tensor core before the partial sums are promoted to
-// fp32 registers. Hopper's FP8 accumulation keeps limited precision: promoting every 128
-// (4 steps, DeepSeek's interval) left rare large-element flips in the FP8 re-quantised
-// intermediate, whole rows 2-3 % off the reference (bench/NOTES.md); every step fixes that
-// for ~2 % of time at memory-bound sizes.
-constexpr int kStepsPerPromotion = 1;
+// The up projection promotes the FP8 partial sums to fp32 after every wgmma k32 step. Hopper's
+// FP8 accumulation keeps limited precision: promoting every 128 (DeepSeek's interval) left
+// rare large-element flips in the FP8 re-quantised intermediate, whole rows 2-3 % off the
+// reference (bench/NOTES.md).
 
 struct FusedMoeParams {
   const int32_t* sorted_token_ids;
@@ -243,10 +241,11 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
   const int row_in_warp = lane / 4;  // fragment rows row_in_warp and row_in_warp + 8
   const int wg_row0 = (ctid / 128) * kRowsPerWg;
 
-  // One m64 tile of FP8 partial sums at a time keeps the register footprint at
-  // (kTiles + 1) * kRegs, which is what lets T reach 96 tokens (64 with one warpgroup).
+  // Two buffers of FP8 partial sums, ping-pong: the tensor cores fill one while the other is
+  // promoted, so the promotion FMAs hide behind the next wgmma instead of waiting for it.
   float acc[kTiles][kRegs];
-  float part[kRegs];
+  float part[2][kRegs];
+  constexpr int kUpSteps = kTiles * 4;  // (m64 tile, k32 step) pairs per stage
 
   for (int sub = 0; sub < b.subtiles; ++sub) {
     const int t0 = sub * T;
@@ -265,27 +264,33 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
       const float* sc = reinterpret_cast<const float*>(st + L::kScaleOffset);
       const float ws_gate = sc[T];
       const float ws_up = sc[T + 1];
+      auto issue = [&](int g) {  // step g = m * 4 + ks into part[g & 1]
+        ptx::wgmma_fence();
+        WgmmaFp8<T>::mma(part[g & 1],
+                         ptx::sw128_desc(st + (wg_row0 + (g / 4) * 64) * kKBlock + (g % 4) * 32),
+                         ptx::sw128_desc(st + L::kXOffset + (g % 4) * 32), 0);
+        ptx::wgmma_commit();
+      };
+      issue(0);
 #pragma unroll
-      for (int m = 0; m < kTiles; ++m) {
-#pragma unroll
-        for (int k0 = 0; k0 < 4; k0 += kStepsPerPromotion) {
-          ptx::wgmma_fence();
-#pragma unroll
-          for (int ks = k0; ks < k0 + kStepsPerPromotion; ++ks) {
-            WgmmaFp8<T>::mma(part, ptx::sw128_desc(st + (wg_row0 + m * 64) * kKBlock + ks * 32),
-                             ptx::sw128_desc(st + L::kXOffset + ks * 32), ks > k0);
-          }
-          ptx::wgmma_commit();
+      for (int g = 0; g < kUpSteps; ++g) {
+        if (g + 1 < kUpSteps) {
+          issue(g + 1);
+          ptx::wgmma_wait<1>();
+        } else {
           ptx::wgmma_wait<0>();
-          // Promote the FP8 partial sums to fp32 with both block scales.
+        }
+        ptx::fence_operands(part[g & 1]);
+        float(&done)[kRegs] = part[g & 1];
+        float(&into)[kRegs] = acc[g / 4];
+        // Promote the FP8 partial sums to fp32 with both block scales.
 #pragma unroll
-          for (int j = 0; j < T / 8; ++j) {
-            const float2 x2 = *reinterpret_cast<const float2*>(sc + j * 8 + quad * 2);
-            acc[m][4 * j + 0] += part[4 * j + 0] * (ws_gate * x2.x);
-            acc[m][4 * j + 1] += part[4 * j + 1] * (ws_gate * x2.y);
-            acc[m][4 * j + 2] += part[4 * j + 2] * (ws_up * x2.x);
-            acc[m][4 * j + 3] += part[4 * j + 3] * (ws_up * x2.y);
-          }
+        for (int j = 0; j < T / 8; ++j) {
+          const float2 x2 = *reinterpret_cast<const float2*>(sc + j * 8 + quad * 2);
+          into[4 * j + 0] += done[4 * j + 0] * (ws_gate * x2.x);
+          into[4 * j + 1] += done[4 * j + 1] * (ws_gate * x2.y);
+          into[4 * j + 2] += done[4 * j + 2] * (ws_up * x2.x);
+          into[4 * j + 3] += done[4 * j + 3] * (ws_up * x2.y);
         }
       }
       ptx::mbar_arrive(&ring.empty[ring.stage]);
@@ -355,17 +360,28 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
       for (int m = 0; m < kTiles; ++m) tile_scale[m] = w2s[(wg_row0 + m * 64) / 128];
       if (warp == 0) ptx::bulk_wait_read();  // the last tile's rows have left the staging
       ptx::named_barrier_sync(wg_barrier, 128);
-#pragma unroll
-      for (int m = 0; m < kTiles; ++m) {
+      auto issue = [&](int m) {  // tile m's four k32 steps accumulate in part[m & 1]
         ptx::wgmma_fence();
 #pragma unroll
         for (int ks = 0; ks < 4; ++ks) {
-          WgmmaFp8<T>::mma(part, ptx::sw128_desc(st + (wg_row0 + m * 64) * kKBlock + ks * 32),
+          WgmmaFp8<T>::mma(part[m & 1],
+                           ptx::sw128_desc(st + (wg_row0 + m * 64) * kKBlock + ks * 32),
                            ptx::sw128_desc(act + ks * 32), ks);
         }
         ptx::wgmma_commit();
-        ptx::wgmma_wait<0>();
-        if (m == kTiles - 1) ptx::mbar_arrive(&ring.empty[ring.stage]);  // reads done
+      };
+      issue(0);
+#pragma unroll
+      for (int m = 0; m < kTiles; ++m) {
+        if (m + 1 < kTiles) {
+          issue(m + 1);
+          ptx::wgmma_wait<1>();
+        } else {
+          ptx::wgmma_wait<0>();
+          ptx::mbar_arrive(&ring.empty[ring.stage]);  // every read of this stage is done
+        }
+        ptx::fence_operands(part[m & 1]);
+        const float(&y)[kRegs] = part[m & 1];
 
         const int local0 = m * 64 + warp * 16 + row_in_warp;  // column of out, within the WG
         const bool even = (row_in_warp & 1) == 0;
@@ -373,8 +389,8 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
         for (int j = 0; j < T / 8; ++j) {
 #pragma unroll
           for (int half = 0; half < 2; ++half) {  // fragment rows local0 and local0 + 8
-            const float v0 = part[4 * j + 2 * half] * tile_scale[m] * col_factor[j][0];
-            const float v1 = part[4 * j + 2 * half + 1] * tile_scale[m] * col_factor[j][1];
+            const float v0 = y[4 * j + 2 * half] * tile_scale[m] * col_factor[j][0];
+            const float v1 = y[4 * j + 2 * half + 1] * tile_scale[m] * col_factor[j][1];
             // Pair columns (k, k+1) of one token in one thread for a 4-byte store: even rows
             // keep token column 0 and take the odd neighbour's value of it; odd rows keep
             // token column 1 and take the even neighbour's.

@@ -94,6 +94,13 @@ template <int N>
 __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
 }
+// Pins accumulator registers in place after a wait: the compiler sees the wgmma write them at
+// issue, so without this it may read them before the wgmma.wait_group that makes them valid.
+template <int N>
+__device__ __forceinline__ void fence_operands(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
 
 // Shared-memory matrix descriptor for a K-major operand stored with the 128-byte swizzle:
 // rows of 128 bytes, 8-row core groups 1024 bytes apart (SBO), tile base 1024-aligned.

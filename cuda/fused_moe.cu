@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <cstring>
+#include <atomic>
 #include <mutex>
 
 #include "fused_moe/launch.cuh"
@@ -13,6 +14,7 @@ namespace amoe {
 namespace {
 
 constexpr int kMaxStages = 8;
+constexpr int kMaxDevices = 64;
 
 struct Config {
   int block_m, block_n, warp_n, stages;
@@ -37,10 +39,16 @@ const FusedMoeVariant* find_variant(int tokens, int wgs) {
   return nullptr;
 }
 
+// The per-block shared-memory limit of the current device, queried once per device.
 int device_smem_optin(int* bytes) {
+  static std::atomic<int> cached[kMaxDevices];
   int device = 0;
   AMOE_CUDA(cudaGetDevice(&device));
+  if (device < kMaxDevices && (*bytes = cached[device].load(std::memory_order_relaxed)) > 0) {
+    return AMOE_OK;
+  }
   AMOE_CUDA(cudaDeviceGetAttribute(bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  if (device < kMaxDevices) cached[device].store(*bytes, std::memory_order_relaxed);
   return AMOE_OK;
 }
 

@@ -35,15 +35,17 @@ int fused_moe_smem_bytes(int stages, int block_m) {
 template <int T, int WGS>
 int fused_moe_launch(const FusedMoeLaunch& l, int smem_bytes) {
   auto kernel = fused_moe_kernel<T, WGS>;
-  // Raising the dynamic shared-memory limit is per function and per device; do it once at
-  // the largest size any config can ask for rather than on every call.
-  static std::atomic<bool> configured{false};
-  if (!configured.load(std::memory_order_acquire)) {
-    int optin = 0, device = 0;
-    AMOE_CUDA(cudaGetDevice(&device));
+  // Raising the dynamic shared-memory limit is per function and per device; do it once per
+  // device at the largest size any config can ask for rather than on every call.
+  constexpr int kMaxDevices = 64;
+  static std::atomic<bool> configured[kMaxDevices];
+  int device = 0;
+  AMOE_CUDA(cudaGetDevice(&device));
+  if (device >= kMaxDevices || !configured[device].load(std::memory_order_acquire)) {
+    int optin = 0;
     AMOE_CUDA(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
     AMOE_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
-    configured.store(true, std::memory_order_release);
+    if (device < kMaxDevices) configured[device].store(true, std::memory_order_release);
   }
   kernel<<<l.grid, (WGS + 1) * 128, smem_bytes, l.stream>>>(l.x_map, l.w_map, l.w2_map,
                                                            l.params);

@@ -44,6 +44,7 @@ export {
 } from "./ffi/errors.ts";
 export {
   type AlphaMoeLibrary,
+  CACHE_ENV,
   LIBRARY_ENV,
   LibraryLoadError,
   openLibrary,
@@ -113,3 +114,99 @@ export {
   type TensorLike,
   validateFusedMoeArgs,
 } from "./src/fused_moe.ts";
+// ---- config files per card and shape, the unfused baseline, tuning and plots ----
+export {
+  BUNDLED_CONFIG_DIR,
+  bundledConfig,
+  type BundledConfigOptions,
+  configFileName,
+  type ConfigShape,
+  gpuShortName,
+  pickConfig,
+  type PickConfigOptions,
+} from "./src/config.ts";
+export {
+  type UnfusedDims,
+  type UnfusedMoeOptions,
+  unfusedMoeW8A8,
+  unfusedWorkspaceBytes,
+} from "./src/unfused.ts";
+export {
+  type BalancedRoutingOptions,
+  balancedTopkIds,
+  type BatchResult,
+  type Measured,
+  MODEL_SHAPES,
+  parseBatchSizes,
+  SEED_BATCH_SIZES,
+  summaryTable,
+  tableJson,
+  tuneConfigs,
+  type TuneMetadata,
+  type TuneOptions,
+  type TuneReport,
+  type TuneReporter,
+  type TuneResultsFile,
+  type TuneShape,
+} from "./src/tune.ts";
+export {
+  type LatencyPoint,
+  type LatencySeries,
+  type LatencySvgOptions,
+  renderLatencySvg,
+} from "./src/plot.ts";
+// ---- routing, alignment, quantisation, MoeLayer, checkpoint loading (issue 4) ----
+export {
+  alignBlockSize,
+  type AlignBuffers,
+  alignedSizes,
+  alignWorkspaceBytes,
+  checkRouting,
+  type GroupedRouting,
+  MAX_ALIGN_EXPERTS,
+  MAX_GROUPS,
+  MAX_ROUTING_EXPERTS,
+  MAX_TOP_K,
+  type QuantBuffers,
+  quantizeFp8,
+  type RouteOptions,
+  routeTopK,
+  routeTopKReference,
+  type RoutingBuffers,
+  type RoutingMethod,
+  routingWidth,
+  type SharedExpertSlot,
+  type SoftmaxRouting,
+  type TopKRouting,
+} from "./src/routing.ts";
+export {
+  type ExpertWeights,
+  FORWARD_STEPS,
+  type ForwardOptions,
+  type ForwardTiming,
+  type LayerBuffers,
+  type LayerStep,
+  MAX_CACHED_TOKEN_COUNTS,
+  MoeLayer,
+  type MoeLayerOptions,
+  moeLayerReference,
+  type MoeLayerReferenceArgs,
+  type MoeLayerSpec,
+  stackKernelWeights,
+  timeForward,
+  type TimeForwardOptions,
+} from "./src/layer.ts";
+export {
+  Checkpoint,
+  CheckpointError,
+  type CheckpointSource,
+  type ExpertsPlan,
+  loadCorrectionBias,
+  type LoadedExperts,
+  loadExpert,
+  loadExperts,
+  type LoadExpertsOptions,
+  planExperts,
+  type TensorEntry,
+} from "./src/checkpoint.ts";
+export type { SafetensorsDtype } from "./src/safetensors.ts";

@@ -93,6 +93,93 @@ AMOE_API int amoe_fused_moe_w8a8_up_down(
     int32_t block_m, int32_t block_n, int32_t warp_n, int32_t stages, float scaling_factor,
     void* stream);
 
+/* ---- routing, alignment, quantisation ---- */
+/* The steps before the fused kernel. All asynchronous on `stream`; no allocation. Device
+ * pointers, row-major. */
+
+/*
+ * Softmax top-k routing (Mixtral/Qwen): for each of M tokens, the top_k experts by logit
+ * (ties: the lower expert index first), in order of choice; weight = softmax probability over
+ * all E experts, renormalised over the chosen ones when `renormalize` != 0, then times
+ * `weight_scale`. With shared_expert_id >= 0 each row gets one more slot, last: that id with
+ * weight `shared_weight` (not scaled). logits f32 [M, E]; topk_ids i32 / topk_weights f32
+ * [M, top_k (+1)]. E in 1..512, top_k in 1..32.
+ */
+AMOE_API int amoe_topk_softmax(const float* logits, int32_t M, int32_t num_experts, int32_t top_k,
+                               int32_t renormalize, float weight_scale, int32_t shared_expert_id,
+                               float shared_weight, int32_t* topk_ids, float* topk_weights,
+                               void* stream);
+
+/*
+ * DeepSeek-V3 routing: score = sigmoid(logit); choice = score + bias (bias f32 [E], NULL for
+ * none); the E experts form n_group groups of E / n_group, each scored by the sum of its two
+ * best choice values; the topk_group best groups are kept and the top_k experts by choice
+ * value among them are chosen (ties: lower index). Weight = the chosen expert's score (without
+ * bias), normalised to sum 1 when `renormalize` != 0, then times `weight_scale` (pass
+ * routed_scaling_factor here only if the consumer does not apply it itself). Shared slot and
+ * outputs as amoe_topk_softmax. n_group in 1..32.
+ */
+AMOE_API int amoe_topk_grouped_sigmoid(const float* logits, const float* bias, int32_t M,
+                                       int32_t num_experts, int32_t n_group, int32_t topk_group,
+                                       int32_t top_k, int32_t renormalize, float weight_scale,
+                                       int32_t shared_expert_id, float shared_weight,
+                                       int32_t* topk_ids, float* topk_weights, void* stream);
+
+/* Bytes of workspace amoe_moe_align_block_size needs for num_slots (= M * top_k) slots over
+ * num_experts experts (0 for up to 8192 slots). */
+AMOE_API int amoe_moe_align_workspace_bytes(int32_t num_slots, int32_t num_experts,
+                                            size_t* bytes);
+
+/*
+ * SGLang's moe_align_block_size: groups the num_slots flat slots of topk_ids by expert (in
+ * expert order, ascending slot order within an expert: deterministic), pads each expert's run
+ * to a multiple of block_m with the value num_slots, and writes the expert of every block.
+ * Ids < 0 or >= num_experts are skipped (expert parallelism). sorted_token_ids has sorted_len
+ * >= num_slots + num_experts * (block_m - 1) entries, all written (pad past the used part);
+ * expert_ids has num_blocks >= ceil(that minimum / block_m) entries, 0 past the used blocks;
+ * num_tokens_post_padded[0] = the used length. num_experts in 1..512, block_m in 1..1024.
+ */
+AMOE_API int amoe_moe_align_block_size(const int32_t* topk_ids, int32_t num_slots,
+                                       int32_t num_experts, int32_t block_m,
+                                       int32_t* sorted_token_ids, int32_t sorted_len,
+                                       int32_t* expert_ids, int32_t num_blocks,
+                                       int32_t* num_tokens_post_padded, void* workspace,
+                                       size_t workspace_bytes, void* stream);
+
+/*
+ * Per-token-group FP8 quantisation (group 128): x bf16 [M, K] -> q e4m3 [M, K] and scale f32
+ * [M, K/128] (row-major, as the fused kernel reads x_scale), scale = max(amax, 1e-10) / 448,
+ * q = e4m3(x / scale) saturated to +-448, round to nearest even. K a multiple of 128; x
+ * 8-byte aligned. When zero_out (bf16 [M, K], 8-byte aligned) is not NULL it is set to zero in
+ * the same pass: the fused kernel's output, zeroed without a launch of its own.
+ */
+AMOE_API int amoe_quant_fp8_per_token_group(const void* x, int32_t M, int32_t K, void* q,
+                                            float* scale, void* zero_out, void* stream);
+
+/* ---- unfused baseline ---- */
+
+/* Bytes of device workspace amoe_unfused_moe_w8a8 needs for (M, K, N, top_k): an f32
+ * [M*top_k, N] up-projection output, the e4m3 [M*top_k, N/2] intermediate and its f32 scales,
+ * an f32 [M*top_k, K] down-projection output and an i32 flag per slot, each 256-byte aligned. */
+AMOE_API int amoe_unfused_workspace_bytes(int32_t M, int32_t K, int32_t N, int32_t top_k,
+                                          size_t* bytes);
+
+/*
+ * The layer of amoe_fused_moe_w8a8_up_down (same arguments, same layouts) in four plain,
+ * untuned launches, as a baseline: up GEMM (fp32 accumulation of dequantised FP8) into the
+ * workspace; SwiGLU on the interleaved rows and per-128-channel FP8 quantisation of the
+ * intermediate (scale = max(amax, 1e-10) / 448); down GEMM into f32; the top-k weighted sum
+ * (x scaling_factor) into `out`, which is overwritten (it need not be zero). block_m (1..128)
+ * is the block size the sorted layout was aligned for. `workspace` (256-byte aligned, at least
+ * amoe_unfused_workspace_bytes) is scratch. Asynchronous on `stream`.
+ */
+AMOE_API int amoe_unfused_moe_w8a8(
+    const void* x, const float* x_scale, const void* w, const float* w_scale, const void* w2,
+    const float* w2_scale, const int32_t* sorted_token_ids, const int32_t* expert_ids,
+    const int32_t* num_tokens_post_padded, const float* topk_weights, void* out, void* workspace,
+    size_t workspace_bytes, int32_t M, int32_t K, int32_t N, int32_t num_experts, int32_t top_k,
+    int32_t sorted_len, int32_t block_m, float scaling_factor, void* stream);
+
 #ifdef __cplusplus
 }
 #endif

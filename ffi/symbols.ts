@@ -124,6 +124,150 @@ export const SYMBOLS = {
     result: "i32",
     nonblocking: false,
   },
+
+  // ---- routing, alignment, quantisation (cuda/routing.cu, align.cu, quant.cu) ----
+  /**
+   * int amoe_topk_softmax(const float* logits, int32_t M, int32_t num_experts, int32_t top_k,
+   *                       int32_t renormalize, float weight_scale, int32_t shared_expert_id,
+   *                       float shared_weight, int32_t* topk_ids, float* topk_weights,
+   *                       void* stream);
+   */
+  amoe_topk_softmax: {
+    parameters: [
+      "pointer", // logits (f32 [M, E])
+      "i32", // M
+      "i32", // num_experts
+      "i32", // top_k
+      "i32", // renormalize
+      "f32", // weight_scale
+      "i32", // shared_expert_id (-1: none)
+      "f32", // shared_weight
+      "pointer", // topk_ids (i32 [M, width])
+      "pointer", // topk_weights (f32 [M, width])
+      "pointer", // stream
+    ],
+    result: "i32",
+  },
+  /**
+   * int amoe_topk_grouped_sigmoid(const float* logits, const float* bias, int32_t M,
+   *                               int32_t num_experts, int32_t n_group, int32_t topk_group,
+   *                               int32_t top_k, int32_t renormalize, float weight_scale,
+   *                               int32_t shared_expert_id, float shared_weight,
+   *                               int32_t* topk_ids, float* topk_weights, void* stream);
+   */
+  amoe_topk_grouped_sigmoid: {
+    parameters: [
+      "pointer", // logits (f32 [M, E])
+      "pointer", // bias (f32 [E]) or null
+      "i32", // M
+      "i32", // num_experts
+      "i32", // n_group
+      "i32", // topk_group
+      "i32", // top_k
+      "i32", // renormalize
+      "f32", // weight_scale
+      "i32", // shared_expert_id (-1: none)
+      "f32", // shared_weight
+      "pointer", // topk_ids (i32 [M, width])
+      "pointer", // topk_weights (f32 [M, width])
+      "pointer", // stream
+    ],
+    result: "i32",
+  },
+  /** int amoe_moe_align_workspace_bytes(int32_t num_slots, int32_t num_experts, size_t* bytes); */
+  amoe_moe_align_workspace_bytes: { parameters: ["i32", "i32", "buffer"], result: "i32" },
+  /**
+   * int amoe_moe_align_block_size(const int32_t* topk_ids, int32_t num_slots,
+   *                               int32_t num_experts, int32_t block_m,
+   *                               int32_t* sorted_token_ids, int32_t sorted_len,
+   *                               int32_t* expert_ids, int32_t num_blocks,
+   *                               int32_t* num_tokens_post_padded, void* workspace,
+   *                               size_t workspace_bytes, void* stream);
+   */
+  amoe_moe_align_block_size: {
+    parameters: [
+      "pointer", // topk_ids (i32 [num_slots])
+      "i32", // num_slots
+      "i32", // num_experts
+      "i32", // block_m
+      "pointer", // sorted_token_ids (i32 [sorted_len])
+      "i32", // sorted_len
+      "pointer", // expert_ids (i32 [num_blocks])
+      "i32", // num_blocks
+      "pointer", // num_tokens_post_padded (i32 [1])
+      "pointer", // workspace
+      "usize", // workspace_bytes
+      "pointer", // stream
+    ],
+    result: "i32",
+  },
+  /**
+   * int amoe_quant_fp8_per_token_group(const void* x, int32_t M, int32_t K, void* q,
+   *                                    float* scale, void* zero_out, void* stream);
+   */
+  amoe_quant_fp8_per_token_group: {
+    parameters: [
+      "pointer", // x (bf16 [M, K])
+      "i32", // M
+      "i32", // K
+      "pointer", // q (fp8 [M, K])
+      "pointer", // scale (f32 [M, K/128])
+      "pointer", // zero_out (bf16 [M, K]) or null
+      "pointer", // stream
+    ],
+    result: "i32",
+  },
+
+  // ---- unfused baseline ----
+  // Optional: a library built before the baseline existed still loads (src/unfused.ts says to
+  // rebuild when they are missing).
+  /**
+   * int amoe_unfused_workspace_bytes(int32_t M, int32_t K, int32_t N, int32_t top_k,
+   *                                  size_t* bytes);
+   */
+  amoe_unfused_workspace_bytes: {
+    parameters: ["i32", "i32", "i32", "i32", "buffer"],
+    result: "i32",
+    optional: true,
+  },
+  /**
+   * int amoe_unfused_moe_w8a8(
+   *     const void* x, const float* x_scale, const void* w, const float* w_scale,
+   *     const void* w2, const float* w2_scale, const int32_t* sorted_token_ids,
+   *     const int32_t* expert_ids, const int32_t* num_tokens_post_padded,
+   *     const float* topk_weights, void* out, void* workspace, size_t workspace_bytes,
+   *     int32_t M, int32_t K, int32_t N, int32_t num_experts, int32_t top_k,
+   *     int32_t sorted_len, int32_t block_m, float scaling_factor, void* stream);
+   */
+  amoe_unfused_moe_w8a8: {
+    parameters: [
+      "pointer", // x (fp8 [M, K])
+      "pointer", // x_scale (f32 [M, K/128])
+      "pointer", // w (fp8 [E, N, K], gate/up interleaved in chunks of 8)
+      "pointer", // w_scale (f32 [E, N/128, K/128])
+      "pointer", // w2 (fp8 [E, K, N/2])
+      "pointer", // w2_scale (f32 [E, K/128, N/256])
+      "pointer", // sorted_token_ids (i32 [sorted_len])
+      "pointer", // expert_ids (i32, one per block of block_m rows)
+      "pointer", // num_tokens_post_padded (i32 [1])
+      "pointer", // topk_weights (f32 [M, top_k])
+      "pointer", // out (bf16 [M, K], overwritten)
+      "pointer", // workspace
+      "usize", // workspace_bytes
+      "i32", // M
+      "i32", // K
+      "i32", // N
+      "i32", // num_experts
+      "i32", // top_k
+      "i32", // sorted_len
+      "i32", // block_m
+      "f32", // scaling_factor
+      "pointer", // stream
+    ],
+    result: "i32",
+    nonblocking: false,
+    optional: true,
+  },
 } as const satisfies Deno.ForeignLibraryInterface;
 
 /** The symbol table's type. */

@@ -285,3 +285,143 @@ export function defaultConfig(numTokens: number): KernelConfig {
   }
   return DEFAULT_CONFIGS[DEFAULT_CONFIGS.length - 1].config;
 }
+
+// ---- per-card, per-shape config files (configs/) ----
+// Imports may stand anywhere at a module's top level; this one is kept with the code using it.
+// device.ts loads nothing at import time, so this module still needs no --allow-ffi.
+import { deviceInfo } from "./device.ts";
+
+/** The directory of the tables shipped with this module (`configs/`). */
+export const BUNDLED_CONFIG_DIR: URL = new URL("../configs/", import.meta.url);
+
+/**
+ * The short GPU name used in table file names, from a CUDA device name: the first word after
+ * "NVIDIA", letters and digits only. "NVIDIA H100 80GB HBM3" -> "H100", "NVIDIA H200" -> "H200",
+ * "NVIDIA GH200 480GB" -> "GH200".
+ *
+ * @throws {ConfigError} for a name with no letters or digits
+ */
+export function gpuShortName(deviceName: string): string {
+  const words = deviceName.trim().split(/\s+/).filter((w) => w !== "" && !/^nvidia$/i.test(w));
+  const word = (words[0] ?? "").replace(/[^A-Za-z0-9]/g, "");
+  if (word === "") throw new ConfigError(`cannot make a GPU name out of "${deviceName}"`);
+  return word;
+}
+
+/**
+ * The file name of the table for a card and a layer shape: `<gpu>_E<e>_N<n>_K<k>.json`, e.g.
+ * `H100_E257_N256_K7168.json` (`gpu` from {@link gpuShortName}; E counts every expert on the GPU,
+ * a shared expert included, as the seed's file names do). The bundled tables are in
+ * {@link BUNDLED_CONFIG_DIR}.
+ *
+ * @param card a CUDA device name ("NVIDIA H100 80GB HBM3"), or anything with such a `name`
+ */
+export function configFileName(
+  card: string | { readonly name: string },
+  E: number,
+  N: number,
+  K: number,
+): string {
+  for (const [name, v] of Object.entries({ E, N, K })) {
+    if (!Number.isSafeInteger(v) || v < 1) {
+      throw new ConfigError(`${name} must be a positive integer, got ${v}`);
+    }
+  }
+  const gpu = gpuShortName(typeof card === "string" ? card : card.name);
+  return `${gpu}_E${E}_N${N}_K${K}.json`;
+}
+
+/** The sizes that select a table file. */
+export interface ConfigShape {
+  /** Experts on the GPU (a shared expert included). */
+  numExperts: number;
+  /** Up-projection rows (2 x intermediate size). */
+  N: number;
+  /** Hidden size. */
+  K: number;
+}
+
+/** Options of {@link bundledConfig} and {@link pickConfig}. */
+export interface BundledConfigOptions {
+  /** Look for table files here instead of {@link BUNDLED_CONFIG_DIR}. */
+  dir?: URL;
+}
+
+// A table file known to be absent (cached like a table, so clearConfigCache forgets it too).
+const ABSENT: ConfigTable = new Map();
+
+/**
+ * The config for `numTokens` from the shipped table of this card and shape
+ * (`configs/<gpu>_E<e>_N<n>_K<k>.json`), or undefined when there is no such file (or this
+ * module is not loaded from local files). Each file is read once (see {@link clearConfigCache}).
+ *
+ * @throws {ConfigError} if the file exists but is not a valid table
+ */
+export function bundledConfig(
+  card: string | { readonly name: string },
+  shape: ConfigShape,
+  numTokens: number,
+  options: BundledConfigOptions = {},
+): KernelConfig | undefined {
+  const dir = options.dir ?? BUNDLED_CONFIG_DIR;
+  if (dir.protocol !== "file:") return undefined;
+  const url = new URL(configFileName(card, shape.numExperts, shape.N, shape.K), dir);
+  let table = tableCache.get(url.href);
+  if (table === undefined) {
+    try {
+      table = loadConfigTableSync(url);
+    } catch (err) {
+      if (!(err instanceof Deno.errors.NotFound)) throw err;
+      table = ABSENT;
+    }
+    tableCache.set(url.href, table);
+  }
+  return table === ABSENT ? undefined : selectConfig(table, numTokens);
+}
+
+/** Options of {@link pickConfig}. */
+export interface PickConfigOptions extends BundledConfigOptions {
+  /** The CUDA device name to pick for; default: device 0's, when a GPU is there. */
+  card?: string;
+}
+
+let detectedCard: string | null | undefined;
+
+function currentCard(): string | undefined {
+  if (detectedCard === undefined) {
+    try {
+      detectedCard = deviceInfo().name;
+    } catch (err) {
+      if (err instanceof Deno.errors.NotCapable) throw err;
+      detectedCard = null; // no library or no GPU: no card-specific table
+    }
+  }
+  return detectedCard ?? undefined;
+}
+
+/**
+ * The kernel config for `numTokens` tokens of a layer of `shape`, in this order:
+ *
+ * 1. the table named by `ALPHA_MOE_CONFIG` ({@link configFromEnv}), when the variable is set;
+ * 2. the shipped table for this card and shape ({@link bundledConfig}), when there is one;
+ * 3. {@link defaultConfig}.
+ *
+ * Needs `--allow-env` (and `--allow-read` for the tables); the card is read from device 0 once
+ * (needs `--allow-ffi`; without a GPU step 2 is skipped).
+ *
+ * @throws {ConfigError} if a table file is not valid
+ */
+export function pickConfig(
+  shape: ConfigShape,
+  numTokens: number,
+  options: PickConfigOptions = {},
+): KernelConfig {
+  const fromEnv = configFromEnv(numTokens);
+  if (fromEnv !== undefined) return fromEnv;
+  const card = options.card ?? currentCard();
+  if (card !== undefined) {
+    const bundled = bundledConfig(card, shape, numTokens, options);
+    if (bundled !== undefined) return bundled;
+  }
+  return defaultConfig(numTokens);
+}

@@ -1,0 +1,267 @@
+// align.cuh: moe_align_block_size with SGLang's layout, deterministic.
+//
+// Output (the layout SGLang's and vLLM's fused MoE kernels read):
+//   sorted_token_ids[sorted_len]: the flat slot ids (token * top_k + slot) grouped by expert in
+//     expert order, each expert's run padded to a multiple of block_m with the pad value
+//     num_slots (= M * top_k); everything past the used part is pad too.
+//   expert_ids[num_blocks]: the expert of each block of block_m sorted entries; blocks past
+//     num_tokens_post_padded get 0 (as the golden files do; the fused kernel never reads them).
+//   num_tokens_post_padded[1]: the used length (a multiple of block_m).
+// Ids < 0 or >= E (experts on another rank) are skipped. Within an expert the slots keep
+// ascending order, which makes the result deterministic and equal to the CPU reference
+// (src/reference.ts moeAlignBlockSize).
+//
+// How. The slots are cut into contiguous segments, one per warp. A warp walks its segment 32
+// slots at a time; __match_any_sync groups the lanes that hold the same expert, so a lane's
+// rank among them (popc of the lower peers) and one shared-memory update per group replace
+// atomics, keeping the order. Pass 1 counts per (segment, expert); a scan over segments and
+// experts gives every (segment, expert) its first position; pass 2 walks the segments again
+// and writes each slot there.
+//   - up to kAlignSmallMaxSlots slots: one block of 16 warps does all of it (one launch);
+//   - more: three launches (count, scan, scatter) over at most kAlignMaxSegments segments,
+//     with the per-segment counts in a caller-provided workspace.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "warp.cuh"
+
+namespace amoe {
+namespace ops {
+
+constexpr int kMaxAlignExperts = 512;
+constexpr int kAlignSmallWarps = 16;
+constexpr int kAlignSmallThreads = kAlignSmallWarps * kWarp;  // 512 = kMaxAlignExperts
+constexpr int kAlignSmallMaxSlots = 8192;
+constexpr int kAlignWarpsPerBlock = 8;
+constexpr int kAlignMaxSegments = 256;
+constexpr int kAlignMinSegment = 256;
+constexpr int kAlignScanThreads = 512;  // one thread per expert
+
+static_assert(kAlignSmallThreads >= kMaxAlignExperts, "one thread per expert in the scan");
+static_assert(kAlignScanThreads >= kMaxAlignExperts, "one thread per expert in the scan");
+
+struct AlignParams {
+  const int32_t* topk_ids;  // [num_slots]
+  int num_slots, E, block_m;
+  int32_t* sorted;  // [sorted_len]
+  int sorted_len;
+  int32_t* expert_ids;  // [num_blocks]
+  int num_blocks;
+  int32_t* ntpp;  // [1]
+  // Large path only: per-segment counts [segments, E] (exclusive prefix over segments after
+  // the scan) and each expert's first position [E + 1] (the last one is the used length).
+  int32_t* counts;
+  int32_t* starts;
+  int segment;   // slots per segment
+  int segments;
+};
+
+// Slots per segment and segment count of the large path (the small one uses one block).
+__host__ __device__ inline void align_segments(int num_slots, int* segment, int* segments) {
+  int s = (num_slots + kAlignMaxSegments - 1) / kAlignMaxSegments;
+  s = (s + kWarp - 1) / kWarp * kWarp;
+  if (s < kAlignMinSegment) s = kAlignMinSegment;
+  *segment = s;
+  *segments = (num_slots + s - 1) / s;
+}
+
+__device__ __forceinline__ bool valid_expert(int e, int E) { return e >= 0 && e < E; }
+
+// Adds the number of valid ids in [begin, end) per expert into cnt[E] (shared memory, owned
+// by this warp).
+__device__ __forceinline__ void warp_count(const int32_t* ids, int begin, int end, int E,
+                                           int* cnt, int lane) {
+  for (int base = begin; base < end; base += kWarp) {
+    const int i = base + lane;
+    const int e = i < end ? __ldg(ids + i) : -1;
+    const bool valid = valid_expert(e, E);
+    const unsigned peers = __match_any_sync(kFullMask, valid ? e : -1);
+    if (valid && lane == 31 - __clz(peers)) cnt[e] += __popc(peers);
+    __syncwarp();
+  }
+}
+
+// Writes every valid slot i of [begin, end) at run[e]++ (run: shared memory, owned by this
+// warp), in ascending order of i within each expert.
+__device__ __forceinline__ void warp_scatter(const int32_t* ids, int begin, int end, int E,
+                                             int* run, int32_t* sorted, int lane) {
+  const unsigned lower = lanemask_lt();
+  for (int base = begin; base < end; base += kWarp) {
+    const int i = base + lane;
+    const int e = i < end ? __ldg(ids + i) : -1;
+    const bool valid = valid_expert(e, E);
+    const unsigned peers = __match_any_sync(kFullMask, valid ? e : -1);
+    if (valid) sorted[run[e] + __popc(peers & lower)] = i;
+    __syncwarp();
+    if (valid && lane == 31 - __clz(peers)) run[e] += __popc(peers);
+    __syncwarp();
+  }
+}
+
+// expert_ids of blocks first, first + stride, ...: the expert whose run holds the block's
+// first entry (a binary search over start[0..E], start[E] = ntpp), 0 past ntpp.
+__device__ __forceinline__ void fill_expert_ids(const int* start, const AlignParams& p, int first,
+                                                int stride) {
+  const int ntpp = start[p.E];
+  for (int b = first; b < p.num_blocks; b += stride) {
+    const int64_t pos = static_cast<int64_t>(b) * p.block_m;
+    int e = 0;
+    if (pos < ntpp) {
+      int lo = 0, hi = p.E - 1;  // the last expert whose run starts at or before pos
+      while (lo < hi) {
+        const int mid = (lo + hi + 1) / 2;
+        if (start[mid] <= pos) {
+          lo = mid;
+        } else {
+          hi = mid - 1;
+        }
+      }
+      e = lo;
+    }
+    p.expert_ids[b] = e;
+  }
+}
+
+// Pads everything from ntpp to the end of sorted_token_ids.
+__device__ __forceinline__ void fill_tail(const AlignParams& p, int ntpp, int first, int stride) {
+  for (int i = ntpp + first; i < p.sorted_len; i += stride) p.sorted[i] = p.num_slots;
+}
+
+// Thread e (< E) knows its expert's count and first position: pads the end of its run.
+__device__ __forceinline__ void pad_run(const AlignParams& p, int start, int count, int padded) {
+  for (int i = start + count; i < start + padded; ++i) p.sorted[i] = p.num_slots;
+}
+
+__device__ __forceinline__ int round_up_to(int v, int m) { return (v + m - 1) / m * m; }
+
+// ---- small path: one block does everything ----
+// Shared memory: cnt[16][E], start[E + 1], scan scratch[33].
+__host__ __device__ inline int align_small_smem_bytes(int E) {
+  return static_cast<int>(sizeof(int)) * (kAlignSmallWarps * E + E + 1 + kWarp + 1);
+}
+
+__global__ void __launch_bounds__(kAlignSmallThreads) align_small_kernel(const AlignParams p) {
+  extern __shared__ int smem[];
+  int* cnt = smem;
+  int* start = cnt + kAlignSmallWarps * p.E;
+  int* scratch = start + p.E + 1;
+  const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp;
+  for (int i = tid; i < kAlignSmallWarps * p.E; i += blockDim.x) cnt[i] = 0;
+  __syncthreads();
+
+  const int segment = (p.num_slots + kAlignSmallWarps - 1) / kAlignSmallWarps;
+  const int begin = min(warp * segment, p.num_slots);
+  const int end = min(begin + segment, p.num_slots);
+  int* my = cnt + warp * p.E;
+  warp_count(p.topk_ids, begin, end, p.E, my, lane);
+  __syncthreads();
+
+  int total = 0;
+  if (tid < p.E) {
+    for (int w = 0; w < kAlignSmallWarps; ++w) {
+      const int c = cnt[w * p.E + tid];
+      cnt[w * p.E + tid] = total;  // this warp's first rank within the expert
+      total += c;
+    }
+  }
+  const int padded = tid < p.E ? round_up_to(total, p.block_m) : 0;
+  int ntpp = 0;
+  const int first = block_exclusive_scan(padded, scratch, &ntpp);
+  if (tid < p.E) {
+    start[tid] = first;
+    for (int w = 0; w < kAlignSmallWarps; ++w) cnt[w * p.E + tid] += first;
+    pad_run(p, first, total, padded);
+  }
+  if (tid == 0) {
+    start[p.E] = ntpp;
+    *p.ntpp = ntpp;
+  }
+  __syncthreads();
+  fill_expert_ids(start, p, tid, blockDim.x);
+  fill_tail(p, ntpp, tid, blockDim.x);
+  warp_scatter(p.topk_ids, begin, end, p.E, my, p.sorted, lane);
+}
+
+// ---- large path: count, scan, scatter ----
+
+// One warp per segment: counts[g][e] = valid ids of segment g routed to e.
+__global__ void __launch_bounds__(kAlignWarpsPerBlock * kWarp) align_count_kernel(const AlignParams p) {
+  extern __shared__ int smem[];
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int g = blockIdx.x * kAlignWarpsPerBlock + warp;
+  if (g >= p.segments) return;
+  int* my = smem + warp * p.E;
+  for (int e = lane; e < p.E; e += kWarp) my[e] = 0;
+  __syncwarp();
+  const int begin = g * p.segment;
+  const int end = min(begin + p.segment, p.num_slots);
+  warp_count(p.topk_ids, begin, end, p.E, my, lane);
+  int32_t* row = p.counts + static_cast<size_t>(g) * p.E;
+  for (int e = lane; e < p.E; e += kWarp) row[e] = my[e];
+}
+
+// One block, one thread per expert: counts become exclusive prefixes over segments, then the
+// experts' padded runs are laid out (starts, num_tokens_post_padded, the pads inside runs).
+__global__ void __launch_bounds__(kAlignScanThreads) align_scan_kernel(const AlignParams p) {
+  __shared__ int scratch[kWarp + 1];
+  const int e = threadIdx.x;
+  int total = 0;
+  if (e < p.E) {
+    constexpr int kChunk = 8;  // loads first, then the dependent sums: keeps 8 loads in flight
+    int g = 0;
+    for (; g + kChunk <= p.segments; g += kChunk) {
+      int c[kChunk];
+#pragma unroll
+      for (int j = 0; j < kChunk; ++j) c[j] = p.counts[static_cast<size_t>(g + j) * p.E + e];
+#pragma unroll
+      for (int j = 0; j < kChunk; ++j) {
+        p.counts[static_cast<size_t>(g + j) * p.E + e] = total;
+        total += c[j];
+      }
+    }
+    for (; g < p.segments; ++g) {
+      const int c = p.counts[static_cast<size_t>(g) * p.E + e];
+      p.counts[static_cast<size_t>(g) * p.E + e] = total;
+      total += c;
+    }
+  }
+  const int padded = e < p.E ? round_up_to(total, p.block_m) : 0;
+  int ntpp = 0;
+  const int first = block_exclusive_scan(padded, scratch, &ntpp);
+  if (e < p.E) {
+    p.starts[e] = first;
+    pad_run(p, first, total, padded);
+  }
+  if (e == 0) {
+    p.starts[p.E] = ntpp;
+    *p.ntpp = ntpp;
+  }
+}
+
+// One warp per segment scatters its slots; all blocks together fill expert_ids and the tail.
+__global__ void __launch_bounds__(kAlignWarpsPerBlock * kWarp) align_scatter_kernel(const AlignParams p) {
+  extern __shared__ int smem[];
+  int* start = smem;               // [E + 1]
+  int* run = smem + p.E + 1;       // [warps][E]
+  const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp;
+  for (int e = tid; e <= p.E; e += blockDim.x) start[e] = p.starts[e];
+  __syncthreads();
+  const int ntpp = start[p.E];
+  fill_expert_ids(start, p, blockIdx.x * blockDim.x + tid, gridDim.x * blockDim.x);
+  fill_tail(p, ntpp, blockIdx.x * blockDim.x + tid, gridDim.x * blockDim.x);
+  const int g = blockIdx.x * kAlignWarpsPerBlock + warp;
+  if (g >= p.segments) return;
+  int* my = run + warp * p.E;
+  const int32_t* row = p.counts + static_cast<size_t>(g) * p.E;
+  for (int e = lane; e < p.E; e += kWarp) my[e] = start[e] + row[e];
+  __syncwarp();
+  const int begin = g * p.segment;
+  const int end = min(begin + p.segment, p.num_slots);
+  warp_scatter(p.topk_ids, begin, end, p.E, my, p.sorted, lane);
+}
+
+}  // namespace ops
+}  // namespace amoe

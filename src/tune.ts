@@ -1,0 +1,1219 @@
+/**
+ * Finding the fastest kernel config per token count for a layer shape, as the seed's
+ * `jit_moe.py` does, within a time budget: the library behind `deno task tune`.
+ *
+ * For each batch size it draws top-k ids at a given balancedness (the seed's definition, see
+ * {@link balancedTopkIds}), prunes the search space (the seed's: block_m 8..128 step 8, every
+ * (block_n, warp_n) of {@link VALID_BLOCK_N_WARP_N}, stages 1..5) to what the shape can use,
+ * times every remaining config with CUDA events (L2 flushed before each launch, medians), and
+ * re-times the best few with more launches (successive halving, see {@link searchConfigs}). The
+ * result is a table in the seed's JSON format ({@link tableJson}) and a results file with the
+ * timings and where they were taken ({@link TuneResultsFile}).
+ *
+ * The pure parts (routing, pruning, the search over a `measure` callback, file formats,
+ * summary) need no GPU; {@link tuneConfigs} drives the GPU.
+ *
+ * @module
+ */
+import { AlphaMoeError, Status } from "../ffi/errors.ts";
+import { symbols } from "../ffi/library.ts";
+import { DeviceBuffer } from "./buffer.ts";
+import {
+  defaultConfig,
+  gpuShortName,
+  type KernelConfig,
+  parseConfigTable,
+  VALID_BLOCK_N_WARP_N,
+} from "./config.ts";
+import { type DeviceInfo, requireHopper } from "./device.ts";
+import { checkKernelConfig } from "./fused_moe.ts";
+import type { LatencySeries } from "./plot.ts";
+import { DeviceMoeProblem } from "./problem.ts";
+import { makeRandomMoeProblem, type MoeProblem, Rng } from "./random.ts";
+import { memoryFloorBytes, Timer } from "./timing.ts";
+import { runUnfusedMoe, unfusedWorkspaceBytes } from "./unfused.ts";
+
+// ---------------------------------------------------------------------------------------------
+// Shapes and batch sizes
+
+/** A MoE layer shape as the tuner sees it. */
+export interface TuneShape {
+  /** Experts on the GPU, a shared expert included (DeepSeek-V3: 256 routed + 1 shared = 257). */
+  numExperts: number;
+  /** Up-projection rows: 2 x intermediate size (per GPU). */
+  N: number;
+  /** Hidden size. */
+  K: number;
+  /** Experts per token, the shared expert included (DeepSeek-V3: 8 + 1 = 9). */
+  topK: number;
+  /** The last expert is a shared expert: every token's last slot goes to it. */
+  sharedExpert: boolean;
+}
+
+/** The layer shapes of the kernel issue (per GPU), by short name. */
+export const MODEL_SHAPES: Readonly<Record<string, Readonly<TuneShape>>> = Object.freeze({
+  /** DeepSeek-V3/R1 at TP 8: 256 routed experts + 1 shared, top-8 + shared. */
+  ds: Object.freeze({ numExperts: 257, N: 256, K: 7168, topK: 9, sharedExpert: true }),
+  /** 512 experts, top-10, hidden 2048 (the seed's second table). */
+  e512: Object.freeze({ numExperts: 512, N: 256, K: 2048, topK: 10, sharedExpert: false }),
+  /** DeepSeek-V3 at TP 4. */
+  ds2: Object.freeze({ numExperts: 257, N: 512, K: 7168, topK: 9, sharedExpert: true }),
+  /** 128 experts, top-8, hidden 4096, intermediate 384 per GPU. */
+  e128: Object.freeze({ numExperts: 128, N: 768, K: 4096, topK: 8, sharedExpert: false }),
+});
+
+/** The token counts of the seed's shipped tables: 1..8 then 8 steps per doubling up to 8192. */
+export const SEED_BATCH_SIZES: readonly number[] = Object.freeze([
+  1,
+  2,
+  3,
+  4,
+  5,
+  6,
+  7,
+  8,
+  10,
+  12,
+  14,
+  16,
+  20,
+  24,
+  28,
+  32,
+  40,
+  48,
+  56,
+  64,
+  80,
+  96,
+  112,
+  128,
+  160,
+  192,
+  224,
+  256,
+  320,
+  384,
+  448,
+  512,
+  640,
+  768,
+  896,
+  1024,
+  1280,
+  1536,
+  1792,
+  2048,
+  2560,
+  3072,
+  3584,
+  4096,
+  5120,
+  6144,
+  7168,
+  8192,
+]);
+
+/**
+ * Parses "1,2,4" or "1-8,16,32" (ranges inclusive) into sorted, distinct positive integers.
+ *
+ * @throws {RangeError} for anything else
+ */
+export function parseBatchSizes(text: string): number[] {
+  const out = new Set<number>();
+  for (const part of text.split(",").map((p) => p.trim()).filter((p) => p !== "")) {
+    const range = /^(\d+)-(\d+)$/.exec(part);
+    if (range) {
+      const [a, b] = [Number(range[1]), Number(range[2])];
+      if (a < 1 || b < a) throw new RangeError(`bad batch-size range "${part}"`);
+      for (let m = a; m <= b; m++) out.add(m);
+    } else if (/^\d+$/.test(part) && Number(part) >= 1 && Number.isSafeInteger(Number(part))) {
+      out.add(Number(part));
+    } else {
+      throw new RangeError(`bad batch size "${part}": expected positive integers like 1,8,64`);
+    }
+  }
+  if (out.size === 0) throw new RangeError("no batch sizes given");
+  return [...out].sort((a, b) => a - b);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Routing at a given balancedness
+
+/** Options of {@link balancedTopkIds}. */
+export interface BalancedRoutingOptions {
+  /** Tokens. */
+  M: number;
+  /** Experts, a shared expert included. */
+  numExperts: number;
+  /** Experts per token, the shared expert included. */
+  topK: number;
+  /** The last expert is shared: slot `topK - 1` of every token is expert `numExperts - 1`. */
+  sharedExpert?: boolean;
+  /** 1.0: uniform; 0.0: every routed slot on expert 0; in between: the mixture. */
+  balancedness: number;
+  /** PRNG seed. */
+  seed: number;
+}
+
+/**
+ * Top-k ids `[M, topK]` at a balancedness, by the seed's definition (`generate_topk_ids` of
+ * `jit_moe.py`): every routed slot independently draws an expert, with replacement, from
+ * `balancedness * uniform + (1 - balancedness) * onehot(0)` over the routed experts; with a
+ * shared expert, the last slot of every token is the last expert. (With replacement, a token
+ * may draw an expert twice, as in the seed; the kernel handles that like two experts.)
+ *
+ * @throws {RangeError} for a balancedness outside [0, 1] or inconsistent sizes
+ */
+export function balancedTopkIds(options: BalancedRoutingOptions): Int32Array {
+  const { M, numExperts: E, topK, balancedness: b } = options;
+  const shared = options.sharedExpert ?? false;
+  for (const [name, v] of Object.entries({ M, E, topK })) {
+    if (!Number.isSafeInteger(v) || v < (name === "M" ? 0 : 1)) {
+      throw new RangeError(`${name} must be a positive integer, got ${v}`);
+    }
+  }
+  if (!(b >= 0 && b <= 1)) throw new RangeError(`balancedness must be in [0, 1], got ${b}`);
+  const routedE = shared ? E - 1 : E;
+  const routedK = shared ? topK - 1 : topK;
+  if (routedK > 0 && routedE < 1) {
+    throw new RangeError(`no routed experts: ${E} experts${shared ? " with a shared one" : ""}`);
+  }
+  const rng = new Rng(options.seed);
+  const p0 = b / routedE + (1 - b); // probability of expert 0
+  const pOther = b / routedE;
+  const ids = new Int32Array(M * topK);
+  for (let t = 0; t < M; t++) {
+    for (let s = 0; s < routedK; s++) {
+      const u = rng.next();
+      ids[t * topK + s] = u < p0 ? 0 : Math.min(routedE - 1, 1 + Math.floor((u - p0) / pOther));
+    }
+    if (shared) ids[t * topK + topK - 1] = E - 1;
+  }
+  return ids;
+}
+
+/** Slots per expert (ids outside `0..numExperts-1` are not counted). */
+export function tokensPerExpert(topkIds: Int32Array, numExperts: number): Int32Array {
+  const counts = new Int32Array(numExperts);
+  for (const e of topkIds) if (e >= 0 && e < numExperts) counts[e]++;
+  return counts;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Search space and pruning
+
+/** Pipeline stages searched (the seed's range; more rarely fits in shared memory). */
+export const TUNE_STAGES: readonly number[] = Object.freeze([1, 2, 3, 4, 5]);
+
+/** The seed's search space: block_m 8..128 step 8 x (block_n, warp_n) pairs x stages 1..5. */
+export function searchSpace(): KernelConfig[] {
+  const out: KernelConfig[] = [];
+  for (let blockM = 8; blockM <= 128; blockM += 8) {
+    for (const [blockN, warpN] of VALID_BLOCK_N_WARP_N) {
+      for (const stages of TUNE_STAGES) out.push({ blockM, blockN, warpN, stages });
+    }
+  }
+  return out;
+}
+
+/**
+ * The largest block_m worth timing when the busiest expert has `maxTokensPerExpert` slots: the
+ * multiple of 8 at or above twice that, at least 16 (the seed always tries 16, and picks it for
+ * a handful of tokens), at most 128. A larger block only adds padding rows to every block.
+ */
+export function blockMLimit(maxTokensPerExpert: number): number {
+  const twice = Math.ceil((2 * Math.max(0, maxTokensPerExpert)) / 8) * 8;
+  return Math.min(128, Math.max(16, twice));
+}
+
+/** `block_m/block_n/warp_n/stages`, e.g. `16/32/8/4`. */
+export function configKey(c: KernelConfig): string {
+  return `${c.blockM}/${c.blockN}/${c.warpN}/${c.stages}`;
+}
+
+/** Same four fields. */
+export function sameConfig(a: KernelConfig, b: KernelConfig): boolean {
+  return a.blockM === b.blockM && a.blockN === b.blockN && a.warpN === b.warpN &&
+    a.stages === b.stages;
+}
+
+/**
+ * Orders configs so that those nearest `hint` come first (stable otherwise): when the time
+ * budget cuts a round short, what is left out is what is least likely to win. Distance: block_m
+ * in octaves, plus 0.35 per stage, plus 0.5 for another (block_n, warp_n) pair.
+ */
+export function orderByHint(configs: readonly KernelConfig[], hint: KernelConfig): KernelConfig[] {
+  const d = (c: KernelConfig): number =>
+    Math.abs(Math.log2(c.blockM) - Math.log2(hint.blockM)) +
+    0.35 * Math.abs(c.stages - hint.stages) +
+    (c.blockN === hint.blockN && c.warpN === hint.warpN ? 0 : 0.5);
+  return configs.map((c, i) => ({ c, i, d: d(c) }))
+    .sort((a, b) => a.d - b.d || a.i - b.i)
+    .map((x) => x.c);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The search, over any measure function
+
+/** One round of the search. */
+export interface SearchRound {
+  /** Configs this round times: the best `keep` of the previous round (all in the first). */
+  keep: number;
+  /** Untimed launches before each series. */
+  warmup: number;
+  /** Timed launches per series. */
+  iterations: number;
+  /** Series per config, interleaved across the configs (drift hits them alike). */
+  repeats: number;
+}
+
+/**
+ * The default rounds: every candidate with 5 launches, the best 8 with 15, the best 3 (plus the
+ * default config) with `finalIterations` launches in 4 interleaved series.
+ */
+export function defaultRounds(finalIterations = 40): SearchRound[] {
+  const per = Math.max(1, Math.ceil(finalIterations / 4));
+  return [
+    { keep: Infinity, warmup: 2, iterations: 5, repeats: 1 },
+    { keep: 8, warmup: 1, iterations: 15, repeats: 1 },
+    { keep: 3, warmup: 1, iterations: per, repeats: 4 },
+  ];
+}
+
+/** "all x5 (warm-up 2) -> best 8 x15 (warm-up 1) -> best 3 + baseline 4x10 (warm-up 1)". */
+export function describeRounds(rounds: readonly SearchRound[]): string {
+  return rounds.map((r, i) => {
+    const who = r.keep === Infinity ? "all" : `best ${r.keep}`;
+    const base = i === rounds.length - 1 && i > 0 ? " + default" : "";
+    const times = r.repeats > 1 ? `${r.repeats}x${r.iterations}` : `x${r.iterations}`;
+    return `${who}${base} ${times} (warm-up ${r.warmup})`;
+  }).join(" -> ");
+}
+
+/** A config and its median time. */
+export interface Measured {
+  /** The config. */
+  config: KernelConfig;
+  /** Median microseconds. */
+  us: number;
+  /** Timed launches behind the median. */
+  samples: number;
+}
+
+/** Times `config`: returns the samples (µs) of `iterations` launches after `warmup` untimed. */
+export type MeasureFn = (
+  config: KernelConfig,
+  run: { warmup: number; iterations: number },
+) => number[];
+
+/** Options of {@link searchConfigs}. */
+export interface SearchOptions {
+  /** Rounds; default {@link defaultRounds}(). */
+  rounds?: readonly SearchRound[];
+  /** Also time this config in the last round (the default config, to report the gain). */
+  baseline?: KernelConfig;
+  /**
+   * Stop the first round at this time (of `now`), once `minFirstRound` configs are timed:
+   * the remaining candidates are left out (they come last in the order given).
+   */
+  deadline?: number;
+  /** The clock of `deadline`, in ms; default `performance.now`. */
+  now?: () => number;
+  /** Configs the first round times before a deadline may stop it; default 12. */
+  minFirstRound?: number;
+  /** Called after each config of the first round. */
+  onTimed?: (timed: number, total: number) => void;
+}
+
+/** What {@link searchConfigs} found. */
+export interface SearchOutcome {
+  /** The last round, fastest first (the baseline included). */
+  ranked: Measured[];
+  /** The baseline's measurement, if it was given and could run. */
+  baseline?: Measured;
+  /** Configs the first round timed. */
+  timed: number;
+  /** Candidates left out by the deadline. */
+  cut: number;
+  /** Configs that could not run (with the reason), skipped. */
+  refused: { config: KernelConfig; reason: string }[];
+  /** Launches made (warm-up included). */
+  launches: number;
+}
+
+function median(values: readonly number[]): number {
+  const s = [...values].sort((a, b) => a - b);
+  const mid = s.length >> 1;
+  return s.length % 2 === 1 ? s[mid] : (s[mid - 1] + s[mid]) / 2;
+}
+
+/** A failure that rules out one config but leaves the GPU usable. */
+function isConfigFailure(err: unknown): err is AlphaMoeError {
+  return err instanceof AlphaMoeError && !err.fatal &&
+    (err.code === Status.UNSUPPORTED || err.code === Status.INVALID_ARGUMENT ||
+      err.code === Status.OUT_OF_MEMORY || err.code === Status.CUDA);
+}
+
+/**
+ * Successive halving over `candidates` (timed in the order given): round 1 times every one
+ * briefly, each later round re-times the best `keep` of the round before with more launches,
+ * the last round also times `baseline`. Configs whose launch fails with a non-fatal library
+ * error are skipped and reported; a fatal (sticky) CUDA error is thrown.
+ *
+ * @throws {RangeError} if nothing could be timed
+ */
+export function searchConfigs(
+  candidates: readonly KernelConfig[],
+  measure: MeasureFn,
+  options: SearchOptions = {},
+): SearchOutcome {
+  const rounds = options.rounds ?? defaultRounds();
+  if (rounds.length === 0) throw new RangeError("searchConfigs: no rounds");
+  const now = options.now ?? (() => performance.now());
+  const minFirst = options.minFirstRound ?? 12;
+  const refused: { config: KernelConfig; reason: string }[] = [];
+  let launches = 0;
+  let cut = 0;
+  let timed = 0;
+
+  const tryMeasure = (c: KernelConfig, warmup: number, iterations: number): number[] | null => {
+    try {
+      launches += warmup + iterations;
+      return measure(c, { warmup, iterations });
+    } catch (err) {
+      if (!isConfigFailure(err)) throw err;
+      refused.push({ config: c, reason: err.message.split("\n")[0] });
+      return null;
+    }
+  };
+
+  // Round 1.
+  const first = rounds[0];
+  let scored: Measured[] = [];
+  for (let i = 0; i < candidates.length; i++) {
+    if (options.deadline !== undefined && i >= minFirst && now() > options.deadline) {
+      cut = candidates.length - i;
+      break;
+    }
+    const c = candidates[i];
+    const samples: number[] = [];
+    let ok = true;
+    for (let r = 0; r < first.repeats && ok; r++) {
+      const got = tryMeasure(c, first.warmup, first.iterations);
+      if (got === null) ok = false;
+      else samples.push(...got);
+    }
+    if (ok) {
+      scored.push({ config: c, us: median(samples), samples: samples.length });
+      timed++;
+    }
+    options.onTimed?.(i + 1, candidates.length);
+  }
+
+  // Later rounds.
+  let baseline: Measured | undefined;
+  for (let ri = 1; ri < rounds.length; ri++) {
+    const round = rounds[ri];
+    const last = ri === rounds.length - 1;
+    const list = [...scored].sort((a, b) => a.us - b.us).slice(0, round.keep).map((m) => m.config);
+    if (last && options.baseline && !list.some((c) => sameConfig(c, options.baseline!))) {
+      list.push(options.baseline);
+    }
+    const samples = list.map(() => [] as number[]);
+    const failed = new Set<number>();
+    for (let r = 0; r < round.repeats; r++) {
+      list.forEach((c, i) => {
+        if (failed.has(i)) return;
+        const got = tryMeasure(c, round.warmup, round.iterations);
+        if (got === null) failed.add(i);
+        else samples[i].push(...got);
+      });
+    }
+    scored = list.flatMap((c, i) =>
+      failed.has(i) || samples[i].length === 0
+        ? []
+        : [{ config: c, us: median(samples[i]), samples: samples[i].length }]
+    );
+  }
+  // With a single round, the baseline is timed like any candidate.
+  if (rounds.length === 1 && options.baseline) {
+    const b = options.baseline;
+    if (!scored.some((m) => sameConfig(m.config, b))) {
+      const got = tryMeasure(b, first.warmup, first.iterations * first.repeats);
+      if (got !== null) scored.push({ config: b, us: median(got), samples: got.length });
+    }
+  }
+  if (options.baseline) baseline = scored.find((m) => sameConfig(m.config, options.baseline!));
+  const ranked = scored.sort((a, b) => a.us - b.us);
+  if (ranked.length === 0) {
+    throw new RangeError(
+      `no config could be timed (${refused.length} refused` +
+        (refused.length > 0 ? `, e.g. ${configKey(refused[0].config)}: ${refused[0].reason}` : "") +
+        ")",
+    );
+  }
+  return { ranked, baseline, timed, cut, refused, launches };
+}
+
+/**
+ * The default config is kept unless the fastest config beats it by more than this fraction:
+ * closer than that is within run-to-run noise, and the reported gain would not reproduce.
+ */
+export const KEEP_DEFAULT_WITHIN = 0.01;
+
+/** The config to ship: the fastest, or the default when it is within {@link KEEP_DEFAULT_WITHIN}. */
+export function chooseConfig(outcome: SearchOutcome): Measured {
+  const fastest = outcome.ranked[0];
+  const b = outcome.baseline;
+  if (b !== undefined && b.us <= fastest.us * (1 + KEEP_DEFAULT_WITHIN)) return b;
+  return fastest;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Results and files
+
+/** Everything the tuner learned about one batch size. */
+export interface BatchResult {
+  /** Tokens. */
+  M: number;
+  /** The config written to the table and its median µs. */
+  best: Measured;
+  /** The fastest config of the last round (differs from `best` when the default was kept). */
+  fastest: Measured;
+  /** {@link defaultConfig}(M) and its median µs (absent if it could not run). */
+  default?: Measured;
+  /** Median µs of the unfused baseline, if timed. */
+  unfusedUs?: number;
+  /** The memory floor in µs (bytes / measured copy bandwidth). */
+  floorUs: number;
+  /** Bytes behind {@link floorUs}. */
+  floorBytes: number;
+  /** Distinct experts the routing touches. */
+  distinctExperts: number;
+  /** Slots of the busiest expert. */
+  maxTokensPerExpert: number;
+  /** Configs in the first round (after pruning). */
+  candidates: number;
+  /** Configs the first round timed. */
+  timed: number;
+  /** Candidates left out by the time budget. */
+  cut: number;
+  /** Configs that could not run. */
+  refused: number;
+  /** Wall seconds spent on this batch size. */
+  seconds: number;
+}
+
+/** Where and how a tuning run was made. */
+export interface TuneMetadata {
+  /** CUDA device name. */
+  card: string;
+  /** Short name used in file names (H100, H200). */
+  gpu: string;
+  /** "9.0". */
+  computeCapability: string;
+  /** Streaming multiprocessors. */
+  smCount: number;
+  /** NVIDIA driver version (from nvidia-smi), if known. */
+  driver?: string;
+  /** `amoe_abi_version()` of the library used. */
+  abiVersion: number;
+  /** Version of this module. */
+  moduleVersion?: string;
+  /** Git commit of the sources, if known. */
+  gitCommit?: string;
+  /** ISO date of the run. */
+  date: string;
+  /** The layer shape. */
+  shape: TuneShape;
+  /** Routing balancedness. */
+  balancedness: number;
+  /** Seed of the random problem and routing. */
+  seed: number;
+  /** Measured device-to-device copy bandwidth, GB/s (the memory floor's yardstick). */
+  copyBandwidthGBs: number;
+  /** How the search ran. */
+  search: {
+    space: string;
+    pruning: string;
+    rounds: string;
+    keepDefaultWithin: number;
+    budgetSeconds: number;
+    timing: string;
+  };
+  /** Wall seconds of the whole search (absent while partial). */
+  seconds?: number;
+}
+
+/** The results file written beside a table (`X.meta.json` for `X.json`), and the resume file. */
+export interface TuneResultsFile {
+  /** Always "alpha-moe tune results". */
+  format: "alpha-moe tune results";
+  /** Format version: 1. */
+  version: 1;
+  /** File name of the table these results belong to. */
+  table: string;
+  /** Where and how. */
+  metadata: TuneMetadata;
+  /** Per batch size (keys: token counts). */
+  results: Record<string, BatchResult>;
+  /** true in a `.partial` file: the run has not finished. */
+  partial?: boolean;
+}
+
+/**
+ * A table in the seed's format: `{"<tokens>": {"block_m", "block_n", "warp_n", "stages"}}`, keys
+ * in ascending numeric order, one entry per line, nothing else, so that the seed's
+ * `get_best_config` (which calls `int()` on every key) reads it as well as {@link
+ * parseConfigTable} does. The timings and provenance go to the results file instead.
+ */
+export function tableJson(entries: Iterable<readonly [number, KernelConfig]>): string {
+  const sorted = [...entries].sort((a, b) => a[0] - b[0]);
+  const lines = sorted.map(([m, c]) =>
+    `  "${m}": {"block_m": ${c.blockM}, "block_n": ${c.blockN}, "warp_n": ${c.warpN}, ` +
+    `"stages": ${c.stages}}`
+  );
+  const text = `{\n${lines.join(",\n")}\n}\n`;
+  parseConfigTable(JSON.parse(text), "tableJson"); // never write what we could not read back
+  return text;
+}
+
+/** The results file of a table: `X.meta.json` for `X.json` (else `X.meta.json` for `X`). */
+export function resultsPathFor(tablePath: string): string {
+  return tablePath.endsWith(".json")
+    ? `${tablePath.slice(0, -5)}.meta.json`
+    : `${tablePath}.meta.json`;
+}
+
+/** The resume file of a table: `X.json.partial`. */
+export function partialPathFor(tablePath: string): string {
+  return `${tablePath}.partial`;
+}
+
+/** Writes `text` to a temporary file beside `path` and renames it into place. */
+export async function writeTextFileAtomic(path: string, text: string): Promise<void> {
+  const slash = path.lastIndexOf("/");
+  if (slash > 0) await Deno.mkdir(path.slice(0, slash), { recursive: true });
+  const tmp = `${path}.tmp-${Deno.pid}-${crypto.randomUUID().slice(0, 8)}`;
+  try {
+    await Deno.writeTextFile(tmp, text);
+    await Deno.rename(tmp, path);
+  } catch (err) {
+    await Deno.remove(tmp).catch(() => {});
+    throw err;
+  }
+}
+
+/**
+ * Reads a results (or partial) file.
+ *
+ * @throws {Error} naming the file when it is not one
+ */
+export async function readResultsFile(path: string): Promise<TuneResultsFile> {
+  const json = JSON.parse(await Deno.readTextFile(path));
+  if (json?.format !== "alpha-moe tune results" || typeof json.results !== "object") {
+    throw new Error(
+      `${path} is not a tune results file (X.meta.json or X.json.partial written by deno task tune)`,
+    );
+  }
+  return json as TuneResultsFile;
+}
+
+/** `JSON.stringify` of a results file: µs and other fractions rounded to 0.001. */
+export function resultsJson(file: TuneResultsFile): string {
+  const round = (_key: string, v: unknown): unknown =>
+    typeof v === "number" && !Number.isInteger(v) ? Math.round(v * 1000) / 1000 : v;
+  return JSON.stringify(file, round, 1) + "\n";
+}
+
+/** The results of a file, ascending by batch size. */
+export function resultsList(file: TuneResultsFile): BatchResult[] {
+  return Object.values(file.results).sort((a, b) => a.M - b.M);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reporting
+
+/** "42s", "3m05s". */
+export function formatDuration(seconds: number): string {
+  if (!Number.isFinite(seconds)) return "?";
+  const s = Math.max(0, Math.round(seconds));
+  return s < 60 ? `${s}s` : `${Math.floor(s / 60)}m${String(s % 60).padStart(2, "0")}s`;
+}
+
+/** Gain of `best` over `baseline` in percent of the baseline's time (positive: faster). */
+export function gainPercent(bestUs: number, baselineUs: number | undefined): number | undefined {
+  if (baselineUs === undefined || !(baselineUs > 0) || !Number.isFinite(bestUs)) return undefined;
+  return (baselineUs - bestUs) / baselineUs * 100;
+}
+
+function fmt(v: number | undefined, digits = 1): string {
+  return v === undefined || !Number.isFinite(v) ? "-" : v.toFixed(digits);
+}
+
+/** One line per batch size, as printed after each one. */
+export function resultLine(r: BatchResult): string {
+  const gain = gainPercent(r.best.us, r.default?.us);
+  const kept = r.default && sameConfig(r.best.config, r.default.config) &&
+      !sameConfig(r.fastest.config, r.best.config)
+    ? ` (kept: ${configKey(r.fastest.config)} was only ${
+      fmt(gainPercent(r.fastest.us, r.default.us))
+    }% faster)`
+    : "";
+  return `M=${r.M}: ${configKey(r.best.config)} ${fmt(r.best.us)} µs, default ` +
+    `${r.default ? configKey(r.default.config) : "-"} ${fmt(r.default?.us)} µs ` +
+    `(${gain === undefined ? "-" : `${gain >= 0 ? "+" : ""}${gain.toFixed(1)}%`})${kept}, ` +
+    `floor ${fmt(r.floorUs)} µs, unfused ${fmt(r.unfusedUs)} µs; ${r.timed}/${r.candidates} ` +
+    `configs${r.cut > 0 ? ` (${r.cut} cut by the budget)` : ""}` +
+    `${r.refused > 0 ? `, ${r.refused} refused` : ""}, ${r.seconds.toFixed(1)} s`;
+}
+
+/**
+ * The summary table: batch size, best config and µs, default config and µs, gain, memory floor
+ * µs, best / floor, unfused µs.
+ */
+export function summaryTable(results: readonly BatchResult[]): string {
+  const head = [
+    "tokens",
+    "best (bm/bn/wn/st)",
+    "best µs",
+    "default",
+    "default µs",
+    "gain",
+    "floor µs",
+    "best/floor",
+    "unfused µs",
+  ];
+  const rows = results.map((r) => {
+    const gain = gainPercent(r.best.us, r.default?.us);
+    return [
+      String(r.M),
+      configKey(r.best.config),
+      fmt(r.best.us),
+      r.default ? configKey(r.default.config) : "-",
+      fmt(r.default?.us),
+      gain === undefined ? "-" : `${gain >= 0 ? "+" : ""}${gain.toFixed(1)}%`,
+      fmt(r.floorUs),
+      r.floorUs > 0 ? (r.best.us / r.floorUs).toFixed(2) : "-",
+      fmt(r.unfusedUs),
+    ];
+  });
+  const widths = head.map((h, i) => Math.max(h.length, ...rows.map((r) => r[i].length)));
+  const line = (cells: string[]): string =>
+    cells.map((c, i) => (i === 1 || i === 3 ? c.padEnd(widths[i]) : c.padStart(widths[i])))
+      .join("  ");
+  const gains = results.map((r) => gainPercent(r.best.us, r.default?.us)).filter((g) =>
+    g !== undefined
+  ) as number[];
+  const total = (key: (r: BatchResult) => number | undefined): number =>
+    results.reduce((s, r) => s + (key(r) ?? 0), 0);
+  const sumBest = total((r) => r.default ? r.best.us : undefined);
+  const sumDefault = total((r) => r.default?.us);
+  const footer = gains.length === 0
+    ? ""
+    : `\ngain over the default config: median ${median(gains).toFixed(1)}%, max ${
+      Math.max(...gains).toFixed(1)
+    }%, summed time ${(gainPercent(sumBest, sumDefault) ?? 0).toFixed(1)}% (${
+      gains.filter((g) => g > 0).length
+    }/${gains.length} batch sizes changed)`;
+  return [line(head), line(widths.map((w) => "-".repeat(w))), ...rows.map(line)].join("\n") +
+    footer;
+}
+
+/** The plot's series from results: tuned, default, unfused and the memory floor. */
+export function latencySeries(results: readonly BatchResult[]): LatencySeries[] {
+  const pts = (f: (r: BatchResult) => number | undefined): { batchSize: number; us: number }[] =>
+    results.flatMap((r) => {
+      const us = f(r);
+      return us !== undefined && Number.isFinite(us) ? [{ batchSize: r.M, us }] : [];
+    });
+  return [
+    { name: "tuned config", points: pts((r) => r.best.us), color: "#1f77b4" },
+    { name: "default config", points: pts((r) => r.default?.us), color: "#ff7f0e" },
+    { name: "unfused baseline", points: pts((r) => r.unfusedUs), color: "#d62728" },
+    { name: "memory floor", points: pts((r) => r.floorUs), kind: "floor" },
+  ];
+}
+
+// ---------------------------------------------------------------------------------------------
+// Planning: a cost model for the budget and the ETA
+
+/** Predicted seconds of a batch size: launches x (L2 flush + a rough kernel time). */
+export function predictSeconds(
+  shape: TuneShape,
+  M: number,
+  candidates: number,
+  floorUs: number,
+  rounds: readonly SearchRound[],
+  withUnfused: boolean,
+): number {
+  const slots = M * shape.topK;
+  const computeUs = 2 * slots * 1.5 * shape.N * shape.K / 400e12 * 1e6; // ~400 TFLOP/s reached
+  const kernelUs = Math.max(floorUs, computeUs) * 1.6 + 5; // the average config is slower
+  // L2 flush (~100 MB memset) and launch gaps; the host needs ~40 µs per timed launch anyway.
+  const perLaunchUs = Math.max(60, 45 + kernelUs);
+  let launches = 0;
+  let configs = candidates;
+  rounds.forEach((r, i) => {
+    if (i > 0) configs = Math.min(configs, r.keep) + (i === rounds.length - 1 ? 1 : 0);
+    launches += configs * r.repeats * (r.warmup + r.iterations);
+  });
+  // The unfused path: fp32 CUDA-core GEMMs at a few TFLOP/s, 6 launches.
+  const unfusedUs = withUnfused ? 6 * (2 * slots * 1.5 * shape.N * shape.K / 4e12 * 1e6 + 50) : 0;
+  return (launches * perLaunchUs + unfusedUs) * 1e-6 + 0.02 + slots * 2e-7;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The GPU driver
+
+/**
+ * The first `M` tokens of `base` (a problem made for at least `M` tokens), routed by `topkIds`
+ * (`[M, topK]`): activations and routing weights are views, the weights are shared. Only what
+ * {@link DeviceMoeProblem} reads is consistent (its aligned layout comes from `topkIds`); the
+ * `sortedTokenIds`, `expertIds` and `numTokensPostPadded` of `base` are left as they are.
+ *
+ * @throws {RangeError} if `base` has fewer than `M` tokens or `topkIds` is not `[M, topK]`
+ */
+export function sliceProblem(base: MoeProblem, M: number, topkIds: Int32Array): MoeProblem {
+  const { K, topK } = base;
+  if (!Number.isSafeInteger(M) || M < 1 || M > base.M) {
+    throw new RangeError(`M must be in 1..${base.M}, got ${M}`);
+  }
+  if (topkIds.length !== M * topK) {
+    throw new RangeError(`topkIds has ${topkIds.length} entries, [M, topK] needs ${M * topK}`);
+  }
+  return {
+    ...base,
+    M,
+    x: base.x.subarray(0, M * K),
+    xScale: base.xScale.subarray(0, M * (K / 128)),
+    xValues: base.xValues.subarray(0, M * K),
+    topkWeights: base.topkWeights.subarray(0, M * topK),
+    topkIds,
+  };
+}
+
+/** Options of {@link tuneConfigs}. */
+export interface TuneOptions {
+  /** The layer. */
+  shape: TuneShape;
+  /** Token counts. */
+  batchSizes: readonly number[];
+  /** Routing balancedness (1.0 uniform). */
+  balancedness: number;
+  /** The table to write (its results file and resume file go beside it). */
+  out: string;
+  /** Timed launches of each finalist (default 40). */
+  iterations?: number;
+  /** Continue from the `.partial` file of `out`. */
+  resume?: boolean;
+  /** Seconds the search may take, setup excluded (default 420). */
+  budgetSeconds?: number;
+  /** Time the unfused baseline per batch size (default true). */
+  unfused?: boolean;
+  /** Seed of the random problem and routing (default 42). */
+  seed?: number;
+  /** Driver version, module version, git commit: recorded in the results. */
+  provenance?: { driver?: string; moduleVersion?: string; gitCommit?: string };
+  /** The device, if already checked (default: requireHopper()). */
+  device?: DeviceInfo;
+}
+
+/** How {@link tuneConfigs} reports; the task renders it with dax. */
+export interface TuneReporter {
+  /** A line worth keeping in a log. */
+  log(line: string): void;
+  /** A warning. */
+  warn(line: string): void;
+  /** The search starts: `total` configs to time in first rounds. */
+  start(total: number): void;
+  /** Progress: `done` of `total` configs, and a status message (batch size, ETA). */
+  progress(done: number, message: string): void;
+  /** The search is over. */
+  finish(): void;
+}
+
+/** What {@link tuneConfigs} wrote and found. */
+export interface TuneReport {
+  /** The table path. */
+  table: string;
+  /** The results path. */
+  resultsPath: string;
+  /** The results file's content. */
+  file: TuneResultsFile;
+  /** Per batch size, ascending. */
+  results: BatchResult[];
+}
+
+const silentReporter: TuneReporter = {
+  log(): void {},
+  warn(): void {},
+  start(): void {},
+  progress(): void {},
+  finish(): void {},
+};
+
+interface BatchPlan {
+  M: number;
+  topkIds: Int32Array;
+  counts: Int32Array;
+  candidates: KernelConfig[];
+  floorBytes: number;
+  predicted: number;
+}
+
+/** Why a resume file cannot continue this run, or undefined when it can. */
+function checkResume(partial: TuneResultsFile, meta: TuneMetadata): string | undefined {
+  const a = partial.metadata, s = meta.shape;
+  if (JSON.stringify(a.shape) !== JSON.stringify(s)) {
+    return `its shape ${JSON.stringify(a.shape)} is not ${JSON.stringify(s)}`;
+  }
+  if (a.balancedness !== meta.balancedness) {
+    return `its balancedness ${a.balancedness} is not ${meta.balancedness}`;
+  }
+  if (a.gpu !== meta.gpu) return `it was measured on ${a.card}, this is ${meta.card}`;
+  if (a.seed !== meta.seed) return `its seed ${a.seed} is not ${meta.seed}`;
+  return undefined;
+}
+
+interface BatchContext {
+  shape: TuneShape;
+  seed: number;
+  rounds: SearchRound[];
+  budget: number;
+  batchSizes: number[];
+  todo: BatchPlan[];
+  results: Map<number, BatchResult>;
+  metadata: TuneMetadata;
+  info: DeviceInfo;
+  unfused: boolean;
+  partialPath: string;
+  tableName: string;
+}
+
+/** The GPU part of {@link tuneConfigs}: times every batch size of `ctx.todo`. */
+async function measureBatches(ctx: BatchContext, reporter: TuneReporter): Promise<void> {
+  const { shape, seed, rounds, budget, batchSizes, todo, results, metadata, info } = ctx;
+  const { partialPath, tableName } = ctx;
+  const { numExperts: E, N, K, topK } = shape;
+  // The problem: one set of weights, activations for the largest batch, sliced per batch size.
+  const mMax = Math.max(...batchSizes);
+  let t0 = performance.now();
+  const base = makeRandomMoeProblem({
+    M: mMax,
+    K,
+    N,
+    numExperts: E,
+    topK,
+    blockM: 8,
+    seed,
+    sharedExpert: shape.sharedExpert,
+  });
+  reporter.log(
+    `random problem: ${(E * N * K * 1.5 / 1e9).toFixed(2)} GB of FP8 weights, ${mMax} tokens ` +
+      `(${((performance.now() - t0) / 1000).toFixed(1)} s)`,
+  );
+  const view = (M: number, topkIds: Int32Array): MoeProblem => sliceProblem(base, M, topkIds);
+
+  using timer = new Timer();
+  t0 = performance.now();
+  const bandwidth = timer.copyBandwidth();
+  metadata.copyBandwidthGBs = Math.round(bandwidth / 1e9);
+  using owner = new DeviceMoeProblem(view(1, todo[0].topkIds.subarray(0, topK)));
+  reporter.log(
+    `${info.name} (cc ${metadata.computeCapability}, ${info.smCount} SMs` +
+      `${metadata.driver ? `, driver ${metadata.driver}` : ""}): copy bandwidth ` +
+      `${metadata.copyBandwidthGBs} GB/s; weights uploaded ` +
+      `(${((performance.now() - t0) / 1000).toFixed(1)} s)`,
+  );
+
+  // The unfused baseline's workspace, sized for the largest batch.
+  let workspace: DeviceBuffer | undefined;
+  if (ctx.unfused) {
+    if (symbols().amoe_unfused_moe_w8a8 === null) {
+      reporter.warn("the library has no unfused baseline (rebuild it): not timing it");
+    } else {
+      try {
+        const bytes = unfusedWorkspaceBytes({ M: Math.max(...todo.map((p) => p.M)), K, N, topK });
+        workspace = DeviceBuffer.alloc("fp8_e4m3", [bytes]);
+      } catch (err) {
+        if (!isConfigFailure(err)) throw err;
+        reporter.warn(`unfused baseline: ${err.message.split("\n")[0]}; not timing it`);
+      }
+    }
+  }
+
+  const searchStart = performance.now();
+  const budgetEnd = searchStart + budget * 1000;
+  let predictedDone = 0;
+  let configsDone = 0;
+  reporter.start(todo.reduce((sum, p) => sum + p.candidates.length, 0));
+  const eta = (predictedLeft: number): string => {
+    const elapsed = (performance.now() - searchStart) / 1000;
+    const rate = predictedDone > 0 ? elapsed / predictedDone : 1;
+    return formatDuration(predictedLeft * rate);
+  };
+  try {
+    let hint: KernelConfig | undefined;
+    for (let i = 0; i < todo.length; i++) {
+      const plan = todo[i];
+      const { M } = plan;
+      const batchStart = performance.now();
+      const predictedLeft = todo.slice(i).reduce((s, p) => s + p.predicted, 0);
+      // This batch size's fair share of what is left of the budget.
+      const share = Math.max(0, budgetEnd - batchStart) * plan.predicted / predictedLeft;
+      const deadline = batchStart + 0.75 * share;
+      const def = defaultConfig(M);
+      const ordered = orderByHint(plan.candidates, hint ?? def);
+      const status = (done: number): string =>
+        `M=${M} (${i + 1}/${todo.length}), ${done}/${ordered.length} configs, ETA ${
+          eta(predictedLeft - plan.predicted * done / Math.max(1, ordered.length))
+        }`;
+      reporter.progress(configsDone, status(0));
+
+      using dev = new DeviceMoeProblem(view(M, plan.topkIds), { weightsFrom: owner });
+      const measure: MeasureFn = (config, run) =>
+        timer.time(
+          () => dev.run(config, { stream: timer.stream, outIsZeroed: true }),
+          { warmup: run.warmup, iterations: run.iterations, flushL2: true },
+        ).samplesUs;
+      const outcome = searchConfigs(ordered, measure, {
+        rounds,
+        baseline: def,
+        deadline,
+        onTimed: (done) => reporter.progress(configsDone + done, status(done)),
+      });
+      const best = chooseConfig(outcome);
+      hint = outcome.ranked[0].config;
+      for (const r of outcome.refused) {
+        reporter.warn(`M=${M}: ${configKey(r.config)} skipped: ${r.reason}`);
+      }
+
+      let unfusedUs: number | undefined;
+      if (workspace) {
+        const ws = workspace;
+        const blockM = def.blockM;
+        try {
+          unfusedUs = timer.time(
+            () => runUnfusedMoe(dev, blockM, ws, { stream: timer.stream }),
+            { warmup: 1, iterations: 5, flushL2: true },
+          ).medianUs;
+        } catch (err) {
+          if (!isConfigFailure(err)) throw err;
+          reporter.warn(`M=${M}: unfused baseline failed: ${err.message.split("\n")[0]}`);
+        }
+      }
+
+      const result: BatchResult = {
+        M,
+        best,
+        fastest: outcome.ranked[0],
+        default: outcome.baseline,
+        unfusedUs,
+        floorUs: plan.floorBytes / bandwidth * 1e6,
+        floorBytes: plan.floorBytes,
+        distinctExperts: plan.counts.reduce((s, c) => s + (c > 0 ? 1 : 0), 0),
+        maxTokensPerExpert: Math.max(...plan.counts),
+        candidates: ordered.length,
+        timed: outcome.timed,
+        cut: outcome.cut,
+        refused: outcome.refused.length,
+        seconds: (performance.now() - batchStart) / 1000,
+      };
+      results.set(M, result);
+      predictedDone += plan.predicted;
+      configsDone += ordered.length;
+      await writeTextFileAtomic(
+        partialPath,
+        resultsJson({
+          format: "alpha-moe tune results",
+          version: 1,
+          table: tableName,
+          metadata,
+          results: Object.fromEntries([...results].map(([m, r]) => [String(m), r])),
+          partial: true,
+        }),
+      );
+      reporter.progress(configsDone, status(ordered.length));
+      reporter.log(
+        `[${i + 1}/${todo.length}] ${resultLine(result)}; ETA ${
+          eta(predictedLeft - plan.predicted)
+        }`,
+      );
+    }
+  } finally {
+    reporter.finish();
+    workspace?.free();
+  }
+}
+
+/**
+ * Tunes the configs of one layer shape on device 0 and writes the table (seed format), its
+ * results file and, after every batch size, the resume file. See the module doc for the
+ * method. Needs `--allow-ffi --allow-read --allow-write` (and a Hopper GPU).
+ *
+ * @throws {NoDeviceError} without a Hopper GPU
+ * @throws {Error} when `resume` is set and the resume file belongs to another run
+ */
+export async function tuneConfigs(
+  options: TuneOptions,
+  reporter: TuneReporter = silentReporter,
+): Promise<TuneReport> {
+  const started = performance.now();
+  const { shape, balancedness } = options;
+  const { numExperts: E, N, K, topK } = shape;
+  const rounds = defaultRounds(options.iterations ?? 40);
+  const budget = options.budgetSeconds ?? 420;
+  const seed = options.seed ?? 42;
+  const batchSizes = [...new Set(options.batchSizes)].sort((a, b) => a - b);
+  const info = options.device ?? requireHopper();
+  const partialPath = partialPathFor(options.out);
+  const resultsPath = resultsPathFor(options.out);
+  const tableName = options.out.slice(options.out.lastIndexOf("/") + 1);
+
+  const metadata: TuneMetadata = {
+    card: info.name,
+    gpu: gpuShortName(info.name),
+    computeCapability: info.computeCapability.join("."),
+    smCount: info.smCount,
+    driver: options.provenance?.driver,
+    abiVersion: symbols().amoe_abi_version(),
+    moduleVersion: options.provenance?.moduleVersion,
+    gitCommit: options.provenance?.gitCommit,
+    date: new Date().toISOString(),
+    shape: { ...shape },
+    balancedness,
+    seed,
+    copyBandwidthGBs: 0,
+    search: {
+      space:
+        `block_m 8..128 step 8 x (block_n, warp_n) in ${
+          VALID_BLOCK_N_WARP_N.map(([a, b]) => `(${a}, ${b})`).join(", ")
+        } x stages ${TUNE_STAGES[0]}..${TUNE_STAGES[TUNE_STAGES.length - 1]}, ` +
+        `less what checkKernelConfig refuses`,
+      pruning: "block_m <= max(16, 2 x the busiest expert's slots rounded up to 8)",
+      rounds: describeRounds(rounds),
+      keepDefaultWithin: KEEP_DEFAULT_WITHIN,
+      budgetSeconds: budget,
+      timing: "CUDA events around each launch on its own stream, L2 flushed (memset of twice " +
+        "its size) before each, medians; kernel only (out not re-zeroed)",
+    },
+  };
+
+  // Resume.
+  const results = new Map<number, BatchResult>();
+  if (options.resume) {
+    let partial: TuneResultsFile | undefined;
+    try {
+      partial = await readResultsFile(partialPath);
+    } catch (err) {
+      if (!(err instanceof Deno.errors.NotFound)) throw err;
+      reporter.warn(`--resume: no ${partialPath}; starting from the beginning`);
+    }
+    if (partial) {
+      const why = checkResume(partial, metadata);
+      if (why !== undefined) {
+        throw new Error(
+          `--resume: ${partialPath} belongs to another run (${why}); delete it or drop --resume`,
+        );
+      }
+      for (const r of resultsList(partial)) {
+        if (batchSizes.includes(r.M)) results.set(r.M, r);
+      }
+      reporter.log(
+        `resuming from ${partialPath}: ${results.size} of ${batchSizes.length} batch sizes done`,
+      );
+    }
+  }
+
+  // Which configs can run at all for this (N, K) on this card.
+  const runnable: KernelConfig[] = [];
+  const refusedUpFront: string[] = [];
+  for (const c of searchSpace()) {
+    try {
+      checkKernelConfig(K, N, c);
+      runnable.push(c);
+    } catch (err) {
+      if (!isConfigFailure(err)) throw err;
+      refusedUpFront.push(configKey(c));
+    }
+  }
+  if (runnable.length === 0) {
+    throw new Error(`no config of the search space runs for N=${N} K=${K}`);
+  }
+  if (refusedUpFront.length > 0) {
+    reporter.log(
+      `${refusedUpFront.length} configs refused by the library for N=${N} K=${K} ` +
+        `(e.g. shared memory): ${refusedUpFront.slice(0, 6).join(", ")}` +
+        `${refusedUpFront.length > 6 ? ", ..." : ""}`,
+    );
+  }
+
+  // Routing and candidates of every batch size, up front (cheap): the plan and the ETA.
+  const assumedBandwidth = 3.0e12;
+  const plans: BatchPlan[] = batchSizes.map((M) => {
+    const topkIds = balancedTopkIds({
+      M,
+      numExperts: E,
+      topK,
+      sharedExpert: shape.sharedExpert,
+      balancedness,
+      seed: (seed * 1000003 + M * 7919) >>> 0,
+    });
+    const counts = tokensPerExpert(topkIds, E);
+    const limit = blockMLimit(Math.max(...counts));
+    const candidates = runnable.filter((c) => c.blockM <= limit);
+    const floorBytes = memoryFloorBytes({ M, K, N, numExperts: E, topK }, topkIds);
+    const predicted = predictSeconds(
+      shape,
+      M,
+      candidates.length,
+      floorBytes / assumedBandwidth * 1e6,
+      rounds,
+      options.unfused ?? true,
+    );
+    return { M, topkIds, counts, candidates, floorBytes, predicted };
+  });
+  const todo = plans.filter((p) => !results.has(p.M));
+  const totalConfigs = todo.reduce((s, p) => s + p.candidates.length, 0);
+  const predictedTotal = todo.reduce((s, p) => s + p.predicted, 0);
+  reporter.log(
+    `plan: ${todo.length} batch sizes (${batchSizes[0]}..${batchSizes[batchSizes.length - 1]}), ` +
+      `${totalConfigs} configs in first rounds (of ${runnable.length} runnable); rounds: ` +
+      `${describeRounds(rounds)}; predicted ~${formatDuration(predictedTotal)}, ` +
+      `budget ${formatDuration(budget)}`,
+  );
+  if (todo.length === 0) reporter.log("every batch size is done already");
+
+  if (todo.length > 0) {
+    await measureBatches({
+      shape,
+      seed,
+      rounds,
+      budget,
+      batchSizes,
+      todo,
+      results,
+      metadata,
+      info,
+      unfused: options.unfused ?? true,
+      partialPath,
+      tableName,
+    }, reporter);
+  }
+
+  const list = [...results.values()].sort((a, b) => a.M - b.M);
+  metadata.seconds = Math.round((performance.now() - started) / 100) / 10;
+  const file: TuneResultsFile = {
+    format: "alpha-moe tune results",
+    version: 1,
+    table: tableName,
+    metadata,
+    results: Object.fromEntries(list.map((r) => [String(r.M), r])),
+  };
+  await writeTextFileAtomic(options.out, tableJson(list.map((r) => [r.M, r.best.config])));
+  await writeTextFileAtomic(resultsPath, resultsJson(file));
+  await Deno.remove(partialPath).catch(() => {});
+  return { table: options.out, resultsPath, file, results: list };
+}

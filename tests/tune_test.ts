@@ -1,0 +1,425 @@
+// The tuner's pure parts (routing at a balancedness, pruning, the successive-halving search over
+// a synthetic cost, file formats, the budget model) and the per-card config file lookup. No GPU.
+import assert from "node:assert/strict";
+import { pathToFileURL } from "node:url";
+import { CudaFatalError, UnsupportedError } from "../ffi/errors.ts";
+import {
+  bundledConfig,
+  clearConfigCache,
+  CONFIG_ENV_VAR,
+  ConfigError,
+  configFileName,
+  defaultConfig,
+  gpuShortName,
+  type KernelConfig,
+  parseConfigTable,
+  pickConfig,
+} from "../src/config.ts";
+import { makeRandomMoeProblem } from "../src/random.ts";
+import {
+  balancedTopkIds,
+  type BatchResult,
+  blockMLimit,
+  chooseConfig,
+  configKey,
+  defaultRounds,
+  formatDuration,
+  type MeasureFn,
+  MODEL_SHAPES,
+  orderByHint,
+  parseBatchSizes,
+  partialPathFor,
+  predictSeconds,
+  readResultsFile,
+  resultsList,
+  resultsPathFor,
+  searchConfigs,
+  searchSpace,
+  SEED_BATCH_SIZES,
+  sliceProblem,
+  summaryTable,
+  tableJson,
+  tokensPerExpert,
+  type TuneResultsFile,
+  writeTextFileAtomic,
+} from "../src/tune.ts";
+import { memoryFloorBytes } from "../src/timing.ts";
+
+const cfg = (blockM: number, blockN: number, warpN: number, stages: number): KernelConfig => ({
+  blockM,
+  blockN,
+  warpN,
+  stages,
+});
+
+Deno.test("SEED_BATCH_SIZES: the 48 token counts of the seed's tables", async () => {
+  assert.equal(SEED_BATCH_SIZES.length, 48);
+  assert.equal(SEED_BATCH_SIZES[0], 1);
+  assert.equal(SEED_BATCH_SIZES.at(-1), 8192);
+  const seed = new URL("../../shared/seed/configs/moe_jit_257_256_7168.json", import.meta.url);
+  try {
+    const keys = Object.keys(JSON.parse(await Deno.readTextFile(seed))).map(Number);
+    assert.deepEqual(keys, [...SEED_BATCH_SIZES]);
+  } catch (err) {
+    if (!(err instanceof Deno.errors.NotFound)) throw err;
+  }
+});
+
+Deno.test("parseBatchSizes: lists, ranges, errors", () => {
+  assert.deepEqual(parseBatchSizes("8,1,2,8"), [1, 2, 8]);
+  assert.deepEqual(parseBatchSizes("1-4, 16"), [1, 2, 3, 4, 16]);
+  for (const bad of ["", "0", "-1", "1.5", "a", "4-2"]) {
+    assert.throws(() => parseBatchSizes(bad), RangeError, bad);
+  }
+});
+
+Deno.test("balancedTopkIds: the seed's balancedness (uniform, one-hot, mixture), shared expert", () => {
+  const E = 257, topK = 9, M = 4000;
+  const uniform = balancedTopkIds({
+    M,
+    numExperts: E,
+    topK,
+    sharedExpert: true,
+    balancedness: 1,
+    seed: 1,
+  });
+  assert.equal(uniform.length, M * topK);
+  for (let t = 0; t < M; t++) assert.equal(uniform[t * topK + topK - 1], E - 1, "shared slot");
+  const counts = tokensPerExpert(uniform, E);
+  assert.equal(counts[E - 1], M);
+  const routed = [...counts.subarray(0, E - 1)];
+  const mean = (M * (topK - 1)) / (E - 1); // 124.5
+  assert.ok(Math.min(...routed) > mean * 0.6 && Math.max(...routed) < mean * 1.4, "uniform");
+
+  const onehot = balancedTopkIds({ M: 50, numExperts: 8, topK: 3, balancedness: 0, seed: 2 });
+  assert.ok(onehot.every((e) => e === 0), "balancedness 0: everything on expert 0");
+
+  const half = balancedTopkIds({ M, numExperts: 64, topK: 4, balancedness: 0.5, seed: 3 });
+  const share0 = tokensPerExpert(half, 64)[0] / half.length;
+  assert.ok(Math.abs(share0 - (0.5 + 0.5 / 64)) < 0.03, `expert 0 share ${share0}`);
+  assert.ok(half.every((e) => e >= 0 && e < 64));
+
+  // Deterministic per seed.
+  const again = balancedTopkIds({ M, numExperts: 64, topK: 4, balancedness: 0.5, seed: 3 });
+  assert.deepEqual(again, half);
+  assert.throws(
+    () => balancedTopkIds({ M: 1, numExperts: 4, topK: 2, balancedness: 1.5, seed: 1 }),
+    RangeError,
+  );
+});
+
+Deno.test("search space and pruning", () => {
+  const space = searchSpace();
+  assert.equal(space.length, 16 * 2 * 5);
+  assert.equal(new Set(space.map(configKey)).size, space.length);
+  assert.equal(blockMLimit(0), 16);
+  assert.equal(blockMLimit(1), 16);
+  assert.equal(blockMLimit(9), 24);
+  assert.equal(blockMLimit(32), 64);
+  assert.equal(blockMLimit(1000), 128);
+  const hint = cfg(32, 64, 4, 3);
+  const ordered = orderByHint(space, hint);
+  assert.deepEqual(ordered[0], hint);
+  assert.equal(ordered.length, space.length);
+  assert.ok(Math.abs(Math.log2(ordered[1].blockM / 32)) <= 1);
+});
+
+/** A synthetic kernel: smooth cost with a minimum at 24/32/8/3, plus small noise. */
+function syntheticMeasure(noise = 0.01): MeasureFn & { calls: number } {
+  let state = 12345;
+  const rand = (): number => {
+    state = (state * 1103515245 + 12345) & 0x7fffffff;
+    return state / 0x7fffffff;
+  };
+  const cost = (c: KernelConfig): number =>
+    100 + 4 * (Math.log2(c.blockM) - Math.log2(24)) ** 2 + 3 * (c.stages - 3) ** 2 +
+    (c.blockN === 32 ? 0 : 5);
+  const fn = ((c: KernelConfig, run: { warmup: number; iterations: number }) => {
+    fn.calls++;
+    return Array.from({ length: run.iterations }, () => cost(c) * (1 + noise * (rand() - 0.5)));
+  }) as MeasureFn & { calls: number };
+  fn.calls = 0;
+  return fn;
+}
+
+Deno.test("searchConfigs: successive halving finds the minimum and times the baseline", () => {
+  const measure = syntheticMeasure();
+  const def = cfg(64, 32, 8, 3);
+  const out = searchConfigs(searchSpace(), measure, { rounds: defaultRounds(40), baseline: def });
+  assert.equal(configKey(out.ranked[0].config), "24/32/8/3");
+  assert.equal(out.timed, 160);
+  assert.ok(out.baseline !== undefined && configKey(out.baseline.config) === "64/32/8/3");
+  assert.equal(out.ranked.length, 4, "the best 3 and the baseline in the last round");
+  assert.equal(out.ranked[0].samples, 40);
+  // 160 first-round series + 8 + 4 x 4 interleaved.
+  assert.equal(measure.calls, 160 + 8 + 16);
+  const chosen = chooseConfig(out);
+  assert.equal(configKey(chosen.config), "24/32/8/3");
+});
+
+Deno.test("searchConfigs: refused configs are skipped, fatal errors stop the search", () => {
+  const inner = syntheticMeasure();
+  const refusing: MeasureFn = (c, run) => {
+    if (c.stages === 3) throw new UnsupportedError("needs too much shared memory");
+    return inner(c, run);
+  };
+  const out = searchConfigs(searchSpace(), refusing);
+  assert.equal(out.refused.length, 32);
+  assert.equal(out.ranked[0].config.stages === 3, false);
+  const fatal: MeasureFn = () => {
+    throw new CudaFatalError("illegal address");
+  };
+  assert.throws(() => searchConfigs(searchSpace(), fatal), CudaFatalError);
+  const none: MeasureFn = () => {
+    throw new UnsupportedError("no");
+  };
+  assert.throws(() => searchConfigs([cfg(8, 32, 8, 1)], none), RangeError);
+});
+
+Deno.test("searchConfigs: a deadline cuts the first round after the minimum", () => {
+  let clock = 0;
+  const measure = syntheticMeasure();
+  const timed: MeasureFn = (c, run) => {
+    clock += 10;
+    return measure(c, run);
+  };
+  const candidates = orderByHint(searchSpace(), cfg(24, 32, 8, 3));
+  const out = searchConfigs(candidates, timed, { deadline: 200, now: () => clock });
+  assert.ok(out.timed >= 12 && out.timed <= 21, `timed ${out.timed}`);
+  assert.equal(out.timed + out.cut, 160);
+  assert.equal(configKey(out.ranked[0].config), "24/32/8/3", "the hint came first");
+});
+
+Deno.test("chooseConfig: keeps the default config unless beaten by more than 1 %", () => {
+  const def = cfg(16, 32, 8, 4);
+  const other = cfg(8, 32, 8, 4);
+  const m = (
+    config: KernelConfig,
+    us: number,
+  ): { config: KernelConfig; us: number; samples: number } => ({
+    config,
+    us,
+    samples: 40,
+  });
+  const base = { timed: 2, cut: 0, refused: [], launches: 0 };
+  assert.deepEqual(
+    chooseConfig({ ...base, ranked: [m(other, 99.5), m(def, 100)], baseline: m(def, 100) }).config,
+    def,
+  );
+  assert.deepEqual(
+    chooseConfig({ ...base, ranked: [m(other, 95), m(def, 100)], baseline: m(def, 100) }).config,
+    other,
+  );
+  assert.deepEqual(chooseConfig({ ...base, ranked: [m(other, 95)] }).config, other);
+});
+
+Deno.test("tableJson: the seed's format, sorted, read back by parseConfigTable", () => {
+  const text = tableJson([[512, cfg(32, 64, 4, 2)], [1, cfg(16, 32, 8, 5)], [
+    64,
+    cfg(8, 32, 8, 2),
+  ]]);
+  const json = JSON.parse(text);
+  // The seed's get_best_config calls int() on every key: only integer keys.
+  assert.deepEqual(Object.keys(json), ["1", "64", "512"]);
+  assert.deepEqual(json["1"], { block_m: 16, block_n: 32, warp_n: 8, stages: 5 });
+  assert.ok(text.indexOf(`"64"`) < text.indexOf(`"512"`), "keys in ascending order in the text");
+  const table = parseConfigTable(json);
+  assert.deepEqual(table.get(512), cfg(32, 64, 4, 2));
+  assert.throws(() => tableJson([[1, cfg(12, 32, 8, 2)]]), ConfigError);
+});
+
+function result(M: number, bestUs: number, defUs: number): BatchResult {
+  const c = defaultConfig(M);
+  return {
+    M,
+    best: { config: c, us: bestUs, samples: 40 },
+    fastest: { config: c, us: bestUs, samples: 40 },
+    default: { config: c, us: defUs, samples: 40 },
+    floorUs: bestUs / 2,
+    floorBytes: 1e6,
+    distinctExperts: 9,
+    maxTokensPerExpert: M,
+    candidates: 20,
+    timed: 20,
+    cut: 0,
+    refused: 0,
+    seconds: 0.5,
+  };
+}
+
+Deno.test("results files: atomic write, read back, paths", async () => {
+  assert.equal(
+    resultsPathFor("configs/H100_E8_N256_K256.json"),
+    "configs/H100_E8_N256_K256.meta.json",
+  );
+  assert.equal(resultsPathFor("table"), "table.meta.json");
+  assert.equal(partialPathFor("x.json"), "x.json.partial");
+  const dir = await Deno.makeTempDir();
+  try {
+    const path = `${dir}/sub/r.meta.json`;
+    const file = {
+      format: "alpha-moe tune results",
+      version: 1,
+      table: "r.json",
+      metadata: { shape: MODEL_SHAPES.ds } as unknown as TuneResultsFile["metadata"],
+      results: { "8": result(8, 20, 25), "1": result(1, 10, 10) },
+    } satisfies TuneResultsFile;
+    await writeTextFileAtomic(path, JSON.stringify(file));
+    await writeTextFileAtomic(path, JSON.stringify(file)); // replacing works too
+    const back = await readResultsFile(path);
+    assert.deepEqual(resultsList(back).map((r) => r.M), [1, 8]);
+    assert.deepEqual([...Deno.readDirSync(`${dir}/sub`)].map((e) => e.name), ["r.meta.json"]);
+    await Deno.writeTextFile(`${dir}/bad.json`, `{"1": {}}`);
+    await assert.rejects(() => readResultsFile(`${dir}/bad.json`), /not a tune results file/);
+  } finally {
+    await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("summaryTable and formatDuration", () => {
+  const table = summaryTable([result(1, 10, 10), result(8, 20, 25)]);
+  const lines = table.split("\n");
+  assert.match(
+    lines[0],
+    /tokens\s+best \(bm\/bn\/wn\/st\)\s+best µs\s+default\s+default µs\s+gain/,
+  );
+  assert.match(table, /\+20\.0%/);
+  assert.match(table, /\+0\.0%/);
+  assert.match(table, /gain over the default config: median 10\.0%, max 20\.0%/);
+  assert.equal(formatDuration(42.4), "42s");
+  assert.equal(formatDuration(185), "3m05s");
+});
+
+Deno.test("the budget model: E=257 N=256 K=7168 top-k 9 over the seed's sizes fits in minutes", () => {
+  const shape = MODEL_SHAPES.ds;
+  const space = searchSpace();
+  let seconds = 0;
+  let configs = 0;
+  for (const M of SEED_BATCH_SIZES) {
+    const ids = balancedTopkIds({
+      M,
+      numExperts: shape.numExperts,
+      topK: shape.topK,
+      sharedExpert: true,
+      balancedness: 1,
+      seed: M,
+    });
+    const limit = blockMLimit(Math.max(...tokensPerExpert(ids, shape.numExperts)));
+    const n = space.filter((c) => c.blockM <= limit).length;
+    configs += n;
+    const floorUs = memoryFloorBytes({ M, ...shape }, ids) / 3e12 * 1e6;
+    seconds += predictSeconds(shape, M, n, floorUs, defaultRounds(40), true);
+  }
+  assert.ok(configs > 4000 && configs < 160 * 48, `configs ${configs}`);
+  // The model (kernel at 1.6x its floor or compute time, plus a 45 µs L2 flush per launch)
+  // predicts well under the 420 s default budget; the budget itself is the guarantee.
+  assert.ok(seconds > 10 && seconds < 120, `predicted ${seconds.toFixed(0)} s`);
+});
+
+Deno.test("sliceProblem: the first M tokens of a larger problem, new routing", () => {
+  const base = makeRandomMoeProblem({
+    M: 10,
+    K: 256,
+    N: 256,
+    numExperts: 4,
+    topK: 2,
+    blockM: 8,
+    seed: 1,
+  });
+  const ids = Int32Array.from([0, 1, 2, 3, 1, 2]);
+  const p = sliceProblem(base, 3, ids);
+  assert.equal(p.M, 3);
+  assert.equal(p.x.length, 3 * 256);
+  assert.equal(p.xScale.length, 3 * 2);
+  assert.equal(p.topkWeights.length, 6);
+  assert.equal(p.w, base.w);
+  assert.equal(p.topkIds, ids);
+  assert.throws(() => sliceProblem(base, 11, new Int32Array(22)), RangeError);
+  assert.throws(() => sliceProblem(base, 3, new Int32Array(5)), RangeError);
+});
+
+// ---- per-card config files (src/config.ts) ----
+
+Deno.test("gpuShortName and configFileName", () => {
+  assert.equal(gpuShortName("NVIDIA H100 80GB HBM3"), "H100");
+  assert.equal(gpuShortName("NVIDIA H200"), "H200");
+  assert.equal(gpuShortName("NVIDIA H100 PCIe"), "H100");
+  assert.equal(gpuShortName("NVIDIA GH200 480GB"), "GH200");
+  assert.equal(gpuShortName("H800"), "H800");
+  assert.throws(() => gpuShortName("NVIDIA"), ConfigError);
+  assert.equal(
+    configFileName("NVIDIA H100 80GB HBM3", 257, 256, 7168),
+    "H100_E257_N256_K7168.json",
+  );
+  assert.equal(
+    configFileName({ name: "NVIDIA H200" }, 512, 256, 2048),
+    "H200_E512_N256_K2048.json",
+  );
+  assert.throws(() => configFileName("NVIDIA H100", 0, 256, 7168), ConfigError);
+});
+
+Deno.test("bundledConfig, pickConfig: ALPHA_MOE_CONFIG, then the card's table, then the default", async () => {
+  const dir = await Deno.makeTempDir();
+  const dirUrl = pathToFileURL(`${dir}/`);
+  const saved = Deno.env.get(CONFIG_ENV_VAR);
+  Deno.env.delete(CONFIG_ENV_VAR);
+  clearConfigCache();
+  try {
+    const shape = { numExperts: 257, N: 256, K: 7168 };
+    const card = "NVIDIA H100 80GB HBM3";
+    // No file: undefined, and pickConfig falls back to the default.
+    assert.equal(bundledConfig(card, shape, 8, { dir: dirUrl }), undefined);
+    assert.deepEqual(pickConfig(shape, 8, { card, dir: dirUrl }), defaultConfig(8));
+
+    await Deno.writeTextFile(
+      `${dir}/H100_E257_N256_K7168.json`,
+      tableJson([[1, cfg(16, 32, 8, 5)], [64, cfg(8, 64, 4, 2)], [4096, cfg(80, 32, 8, 5)]]),
+    );
+    clearConfigCache(); // the absence was cached
+    assert.deepEqual(bundledConfig(card, shape, 3000, { dir: dirUrl }), cfg(80, 32, 8, 5));
+    assert.deepEqual(pickConfig(shape, 40, { card, dir: dirUrl }), cfg(8, 64, 4, 2));
+    // Another card or shape has no table.
+    assert.deepEqual(
+      pickConfig(shape, 40, { card: "NVIDIA H200", dir: dirUrl }),
+      defaultConfig(40),
+    );
+    assert.deepEqual(
+      pickConfig({ ...shape, K: 4096 }, 40, { card, dir: dirUrl }),
+      defaultConfig(40),
+    );
+    // The seed's files (no metadata) and files with a "__metadata__" key both load.
+    await Deno.writeTextFile(
+      `${dir}/H200_E257_N256_K7168.json`,
+      JSON.stringify({
+        __metadata__: { card: "NVIDIA H200" },
+        "1": { block_m: 24, block_n: 32, warp_n: 8, stages: 3 },
+      }),
+    );
+    clearConfigCache(); // H200's absence was cached above
+    assert.deepEqual(bundledConfig("NVIDIA H200", shape, 5, { dir: dirUrl }), cfg(24, 32, 8, 3));
+
+    // ALPHA_MOE_CONFIG wins over the card's table.
+    const envTable = `${dir}/mine.json`;
+    await Deno.writeTextFile(envTable, tableJson([[1, cfg(128, 32, 8, 1)]]));
+    Deno.env.set(CONFIG_ENV_VAR, envTable);
+    assert.deepEqual(pickConfig(shape, 40, { card, dir: dirUrl }), cfg(128, 32, 8, 1));
+    Deno.env.delete(CONFIG_ENV_VAR);
+
+    // A broken table is an error, not a silent fallback.
+    await Deno.writeTextFile(`${dir}/H100_E8_N256_K256.json`, `{"1": {"block_m": 12}}`);
+    assert.throws(
+      () => bundledConfig(card, { numExperts: 8, N: 256, K: 256 }, 1, { dir: dirUrl }),
+      ConfigError,
+    );
+    // Not a local directory: no lookup.
+    assert.equal(
+      bundledConfig(card, shape, 1, { dir: new URL("https://example.com/configs/") }),
+      undefined,
+    );
+  } finally {
+    if (saved === undefined) Deno.env.delete(CONFIG_ENV_VAR);
+    else Deno.env.set(CONFIG_ENV_VAR, saved);
+    clearConfigCache();
+    await Deno.remove(dir, { recursive: true });
+  }
+});

@@ -1,63 +1,56 @@
 /**
- * The one definition of how libalpha_moe is compiled: nvcc's flags, where nvcc is found, and
- * {@link buildLibrary}, which compiles every `cuda/*.cu` to an object in parallel, links them into
- * one shared library with CUDA's runtime linked statically, and skips all of it when nothing
- * changed (a stamp hashes every source, the flags and nvcc's version).
+ * `deno task build`'s build: {@link buildLibrary} compiles every `cuda/*.cu` to an object in
+ * parallel, links them into one shared library with CUDA's runtime linked statically, and skips
+ * all of it when nothing changed (a stamp hashes every source, the flags and nvcc's version).
  *
- * Used by `deno task build` (tasks/build.ts), the tests, and later for a build on first use into
- * a cache directory.
+ * The flags, the nvcc command lines and the nvcc search are defined once, in ffi/build.ts, and
+ * re-exported here: the build on first use into the cache (ffi/cache.ts) uses the same ones.
+ * Building the repository's `cuda/` also keeps ffi/sources.ts (the text imports of every CUDA
+ * file, which the published package builds from) in step with the files.
+ *
+ * Used by `deno task build` (tasks/build.ts), the demo and the tests.
  *
  * @module
  */
 import $ from "@david/dax";
 import { fileURLToPath } from "node:url";
+import {
+  checkNvccVersion,
+  compileArgs,
+  DEBUG_LIBRARY_NAME,
+  findNvcc,
+  isCompileUnit,
+  isSourceFile,
+  LIBRARY_NAME,
+  linkArgs,
+  NVCC_COMPILE_FLAGS,
+  NVCC_DEBUG_FLAGS,
+  NVCC_LINK_FLAGS,
+  NvccError,
+  type NvccVersion,
+  parseNvccVersion,
+} from "../ffi/build.ts";
 
-/** Target: Hopper only. sm_90a code (wgmma, TMA) runs on compute capability 9.0 exactly. */
-export const NVCC_ARCH_FLAGS: readonly string[] = ["-gencode=arch=compute_90a,code=sm_90a"];
-
-/** Flags for compiling each `.cu` file to an object (release build). */
-export const NVCC_COMPILE_FLAGS: readonly string[] = [
-  ...NVCC_ARCH_FLAGS,
-  "-O3",
-  "-std=c++17",
-  "-Xcompiler",
-  "-fPIC",
-  "-Xcompiler",
-  "-fvisibility=hidden",
-  "-Xptxas=--warn-on-spills",
-  "--expt-relaxed-constexpr",
-];
-
-/** Extra compile flags of the debug variant (source lines for Nsight Compute / sanitizer). */
-export const NVCC_DEBUG_FLAGS: readonly string[] = ["-lineinfo"];
-
-/** Flags for linking the objects into the shared library. CUDA's runtime is linked statically, so
- * the library needs only the driver (libcuda.so.1) at run time. */
-export const NVCC_LINK_FLAGS: readonly string[] = [
-  ...NVCC_ARCH_FLAGS,
-  "-shared",
-  "-cudart",
-  "static",
-];
-
-/** Every flag of a release build (compile and link), for display and docs. */
-export const NVCC_FLAGS: readonly string[] = [
-  ...NVCC_COMPILE_FLAGS,
-  ...NVCC_LINK_FLAGS.filter((flag) => !NVCC_ARCH_FLAGS.includes(flag)),
-];
-
-/** The oldest nvcc accepted (sm_90a needs 12.0; the project is tested with 12.8+). */
-export const MIN_NVCC_VERSION: readonly [number, number] = [12, 8];
-
-/** File name of the release library. */
-export const LIBRARY_NAME = "libalpha_moe.so";
-/** File name of the debug (`-lineinfo`) library. */
-export const DEBUG_LIBRARY_NAME = "libalpha_moe_debug.so";
+export {
+  DEBUG_LIBRARY_NAME,
+  findNvcc,
+  type FindNvccOptions,
+  LIBRARY_NAME,
+  MIN_NVCC_VERSION,
+  NVCC_ARCH_FLAGS,
+  NVCC_COMPILE_FLAGS,
+  NVCC_DEBUG_FLAGS,
+  NVCC_FLAGS,
+  NVCC_LINK_FLAGS,
+  NvccError,
+  NvccNotFoundError,
+  TARGET_ARCH,
+} from "../ffi/build.ts";
 
 const DEFAULT_OUT_DIR = new URL("../build/", import.meta.url);
 const DEFAULT_SOURCE_DIR = new URL("../cuda/", import.meta.url);
-/** Files that make up the sources: compiled (`.cu` at the top of the source dir) or included. */
-const SOURCE_EXTENSIONS = [".cu", ".cuh", ".h", ".hpp", ".inc"];
+/** ffi/sources.ts: the text imports of every file under `cuda/` (see {@link sourceManifest}). */
+export const SOURCE_MANIFEST_URL: URL = new URL("../ffi/sources.ts", import.meta.url);
 
 /** Options of {@link buildLibrary}. */
 export interface BuildOptions {
@@ -85,92 +78,14 @@ export interface BuildResult {
   seconds: number;
 }
 
-/** nvcc exited non-zero. `stderr` holds its output; the message names the file. */
-export class NvccError extends Error {
-  /** The error\'s name. */
-  override name = "NvccError";
-  /** The source being compiled (or the library being linked). */
-  readonly file: string;
-  /** nvcc's stderr and stdout. */
-  readonly output: string;
-  /** nvcc's exit code. */
-  readonly exitCode: number;
-  /** Makes the error. */
-  constructor(message: string, file: string, output: string, exitCode: number) {
-    super(message);
-    this.file = file;
-    this.output = output;
-    this.exitCode = exitCode;
-  }
-}
-
-/** Where {@link findNvcc} looks; every field defaults to the process environment. */
-export interface FindNvccOptions {
-  /** The search path (default `PATH`). */
-  path?: string;
-  /** The toolkit root (default `CUDA_HOME`, then `CUDA_PATH`). */
-  cudaHome?: string;
-  /** The last resort (default `/usr/local/cuda/bin`). */
-  fallbackDir?: string;
-}
-
-function isExecutableFile(path: string): boolean {
-  try {
-    const info = Deno.statSync(path);
-    return info.isFile && ((info.mode ?? 0o111) & 0o111) !== 0;
-  } catch (err) {
-    if (err instanceof Deno.errors.NotCapable) throw err;
-    return false;
-  }
-}
-
-/**
- * Finds nvcc: on `PATH`, then in `$CUDA_HOME/bin` (or `$CUDA_PATH/bin`), then in
- * `/usr/local/cuda/bin`. Throws an error naming every place looked at and what to install.
- */
-export function findNvcc(options: FindNvccOptions = {}): string {
-  const searchPath = options.path ?? Deno.env.get("PATH") ?? "";
-  const cudaHome = options.cudaHome ?? Deno.env.get("CUDA_HOME") ?? Deno.env.get("CUDA_PATH");
-  const fallbackDir = options.fallbackDir ?? "/usr/local/cuda/bin";
-  const looked: string[] = [];
-  const pathDirs = searchPath.split(":").filter((dir) => dir !== "");
-  for (const dir of pathDirs) {
-    if (isExecutableFile(`${dir}/nvcc`)) return `${dir}/nvcc`;
-  }
-  looked.push(`PATH (${pathDirs.length === 0 ? "empty" : pathDirs.join(":")})`);
-  if (cudaHome) {
-    const candidate = `${cudaHome.replace(/\/+$/, "")}/bin/nvcc`;
-    if (isExecutableFile(candidate)) return candidate;
-    looked.push(`${candidate} (from CUDA_HOME)`);
-  } else {
-    looked.push("$CUDA_HOME/bin (CUDA_HOME is not set)");
-  }
-  const fallback = `${fallbackDir.replace(/\/+$/, "")}/nvcc`;
-  if (isExecutableFile(fallback)) return fallback;
-  looked.push(fallback);
-  throw new Error(
-    `nvcc (the CUDA compiler) was not found. Looked on:\n${
-      looked.map((place) => `  - ${place}`).join("\n")
-    }\nInstall the CUDA toolkit ${MIN_NVCC_VERSION.join(".")} or newer ` +
-      `(e.g. the cuda-nvcc and cuda-cudart-dev packages of NVIDIA's apt repository), ` +
-      `then put its bin/ on PATH or set CUDA_HOME to its root (e.g. /usr/local/cuda).`,
-  );
-}
-
 /** Runs `nvcc --version`; returns its full text and the parsed release. */
-export async function nvccVersion(
-  nvcc: string = findNvcc(),
-): Promise<{ text: string; major: number; minor: number }> {
+export async function nvccVersion(nvcc: string = findNvcc()): Promise<NvccVersion> {
   const result = await $`${nvcc} --version`.quiet().noThrow();
   const text = result.stdout + result.stderr;
   if (result.code !== 0) {
     throw new Error(`${nvcc} --version failed (exit code ${result.code}):\n${text.trim()}`);
   }
-  const match = /release (\d+)\.(\d+)/.exec(text);
-  if (!match) {
-    throw new Error(`could not read the CUDA release from \`${nvcc} --version\`:\n${text}`);
-  }
-  return { text: text.trim(), major: Number(match[1]), minor: Number(match[2]) };
+  return parseNvccVersion(text, nvcc);
 }
 
 function toPath(location: string | URL): string {
@@ -194,7 +109,7 @@ async function listSources(root: string, prefix = ""): Promise<string[]> {
     const rel = prefix ? `${prefix}/${entry.name}` : entry.name;
     if (entry.isDirectory) {
       found.push(...await listSources(root, rel));
-    } else if (SOURCE_EXTENSIONS.some((ext) => entry.name.endsWith(ext))) {
+    } else if (isSourceFile(entry.name)) {
       found.push(rel);
     }
   }
@@ -297,18 +212,13 @@ export async function buildLibrary(options: BuildOptions = {}): Promise<BuildRes
 
   const nvcc = options.nvcc ?? findNvcc();
   const version = await nvccVersion(nvcc);
-  const [minMajor, minMinor] = MIN_NVCC_VERSION;
-  if (version.major < minMajor || (version.major === minMajor && version.minor < minMinor)) {
-    throw new Error(
-      `${nvcc} is CUDA ${version.major}.${version.minor}; alpha-moe needs CUDA ` +
-        `${minMajor}.${minMinor} or newer. Put a newer toolkit's bin/ first on PATH or set CUDA_HOME.`,
-    );
-  }
+  checkNvccVersion(version, nvcc);
 
   const compileFlags = [...NVCC_COMPILE_FLAGS, ...(debug ? NVCC_DEBUG_FLAGS : [])];
   const sources = await listSources(sourceDir);
-  const units = sources.filter((rel) => rel.endsWith(".cu") && !rel.includes("/"));
+  const units = sources.filter(isCompileUnit);
   if (units.length === 0) throw new Error(`no .cu files in ${sourceDir}`);
+  if (options.sourceDir === undefined) await updateSourceManifest(sources);
   const contents = new Map<string, Uint8Array>();
   for (const rel of sources) contents.set(rel, await Deno.readFile(`${sourceDir}/${rel}`));
 
@@ -355,7 +265,7 @@ export async function buildLibrary(options: BuildOptions = {}): Promise<BuildRes
     try {
       await runNvcc(
         nvcc,
-        [...compileFlags, `-I${sourceDir}`, "-c", `${sourceDir}/${unit}`, "-o", tmp],
+        compileArgs({ unit, sourceDir, output: tmp, debug }),
         `${sourceDir}/${unit}`,
         sourceDir,
         quiet,
@@ -370,7 +280,7 @@ export async function buildLibrary(options: BuildOptions = {}): Promise<BuildRes
   try {
     await runNvcc(
       nvcc,
-      [...NVCC_LINK_FLAGS, ...objects.map((o) => o.object), "-o", tmpLib],
+      linkArgs(objects.map((o) => o.object), tmpLib),
       `the link of ${libPath}`,
       sourceDir,
       quiet,
@@ -390,4 +300,55 @@ export async function buildLibrary(options: BuildOptions = {}): Promise<BuildRes
     if (entry.isFile && entry.name.endsWith(".o") && !keep.has(path)) await removeQuietly(path);
   }
   return { path: libPath, built: true, seconds: elapsed() };
+}
+
+/**
+ * The text of ffi/sources.ts for the files `paths` (relative to `cuda/`): one text import per
+ * file and the `CUDA_SOURCES` record of them, formatted as `deno fmt` would.
+ */
+export function sourceManifest(paths: readonly string[]): string {
+  const sorted = [...paths].sort();
+  const imports = sorted.map((rel, i) =>
+    `import s${i} from ${JSON.stringify(`../cuda/${rel}`)} with { type: "text" };`
+  );
+  const entries = sorted.map((rel, i) => `  ${JSON.stringify(rel)}: s${i},`);
+  return `/**
+ * Every file under \`cuda/\`, imported as text. Generated by \`deno task build\` (tasks/nvcc.ts
+ * rewrites it whenever the files under \`cuda/\` change): do not edit by hand.
+ *
+ * Text imports put the CUDA sources into the module graph, so they travel with the code:
+ * \`deno add\`, \`deno install\` and \`deno cache\` fetch them, deno.lock checks their integrity, and
+ * the build on first use (ffi/cache.ts) reads them synchronously, offline and without extra
+ * permissions, whether the package is a local checkout or a remote (JSR) one.
+ *
+ * @module
+ */
+${imports.join("\n")}
+
+/** Every CUDA source and header of the package, by path relative to \`cuda/\`, sorted. */
+export const CUDA_SOURCES: Readonly<Record<string, string>> = Object.freeze({
+${entries.join("\n")}
+});
+`;
+}
+
+/**
+ * Rewrites ffi/sources.ts when the files under `cuda/` are not the ones it imports (default: the
+ * repository's `cuda/`). Returns true when it wrote the file.
+ */
+export async function updateSourceManifest(paths?: readonly string[]): Promise<boolean> {
+  const files = paths ?? await listSources(toPath(DEFAULT_SOURCE_DIR));
+  const wanted = sourceManifest(files);
+  const path = fileURLToPath(SOURCE_MANIFEST_URL);
+  const current = await Deno.readTextFile(path).catch(() => "");
+  if (current === wanted) return false;
+  const tmp = tempName(path);
+  await Deno.writeTextFile(tmp, wanted);
+  await Deno.rename(tmp, path);
+  return true;
+}
+
+/** Relative paths (sorted) of every source file under the repository's `cuda/`. */
+export function listRepositorySources(): Promise<string[]> {
+  return listSources(toPath(DEFAULT_SOURCE_DIR));
 }

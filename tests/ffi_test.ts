@@ -6,9 +6,11 @@ import { fileURLToPath } from "node:url";
 import {
   ABI_VERSION,
   BUILD_COMMAND,
+  CACHE_ENV,
   DEFAULT_LIBRARY_URL,
   LIBRARY_ENV,
   LibraryLoadError,
+  loadedLibraryPath,
   openLibrary,
 } from "../ffi/library.ts";
 import {
@@ -116,10 +118,35 @@ Deno.test({
     assert.equal(built.path, fileURLToPath(DEFAULT_LIBRARY_URL));
     const lib = openLibrary();
     assert.equal(lib.symbols.amoe_abi_version(), ABI_VERSION);
+    assert.equal(loadedLibraryPath(), built.path, "build/ comes before the cache");
     assert.equal(openLibrary(), lib, "openLibrary() is cached");
     assert.equal(openLibrary({ path: built.path }), lib, "the same path gives the same library");
     // Once loaded, another (missing) path still gets the listing error.
     assert.throws(() => openLibrary({ path: "/nonexistent.so" }), /deno task build/);
+  },
+});
+
+Deno.test({
+  name: "resolution order: build/ of the repository is used before the cache, which is untouched",
+  ignore: nvcc === undefined,
+  async fn(): Promise<void> {
+    const built = await buildLibrary({ quiet: true });
+    const cache = await Deno.makeTempDir({ prefix: "amoe_ffi_cache_" });
+    try {
+      const { code, output } = await runScript(
+        `import { loadedLibraryPath, openLibrary } from ${JSON.stringify(libraryModule)};
+         openLibrary(); console.log("loaded from", loadedLibraryPath());`,
+        {
+          permissions: ["--allow-ffi", "--allow-env", "--allow-read", "--allow-run"],
+          env: { [CACHE_ENV]: cache },
+        },
+      );
+      assert.equal(code, 0, output);
+      assert.ok(output.includes(`loaded from ${built.path}`), output);
+      assert.deepEqual([...Deno.readDirSync(cache)], [], "the cache is not touched");
+    } finally {
+      await Deno.remove(cache, { recursive: true });
+    }
   },
 });
 

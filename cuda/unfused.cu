@@ -123,7 +123,8 @@ int amoe_unfused_moe_w8a8(const void* x, const float* x_scale, const void* w, co
                   num_experts,
                   K,
                   N,
-                  block_m};
+                  block_m,
+                  true};
     grouped_gemm_kernel<<<dim3(blocks, N / kTileCols), kGemmThreads, 0, s>>>(up);
     AMOE_CUDA(cudaGetLastError());
 
@@ -145,7 +146,8 @@ int amoe_unfused_moe_w8a8(const void* x, const float* x_scale, const void* w, co
                     num_experts,
                     N / 2,
                     K,
-                    block_m};
+                    block_m,
+                    false};
     grouped_gemm_kernel<<<dim3(blocks, K / kTileCols), kGemmThreads, 0, s>>>(down);
     AMOE_CUDA(cudaGetLastError());
   }

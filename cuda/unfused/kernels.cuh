@@ -52,7 +52,17 @@ struct GemmParams {
   const int32_t* expert_ids;
   const int32_t* num_tokens_post_padded;
   int sorted_len, num_slots, num_experts, depth, cols, block_m;
+  // B's rows are gate/up interleaved in chunks of 8 and its scale rows in chunks of 1 (w):
+  // row n belongs to intermediate j = 8 * (n / 16) + n % 8, whose scale row is
+  // 2 * (j / 128) for gate rows and 2 * (j / 128) + 1 for up rows, not n / 128.
+  bool interleaved_scales;
 };
+
+__device__ __forceinline__ int scale_row(int col, bool interleaved) {
+  if (!interleaved) return col / kGroup;
+  const int j = ((col >> 4) << 3) | (col & 7);
+  return 2 * (j / kGroup) + ((col >> 3) & 1);
+}
 
 // grid (ceil(sorted_len / block_m), cols / 64), 256 threads. CUDA block (b, y) computes the
 // block_m sorted rows of block b (one expert) x 64 columns; blocks past num_tokens_post_padded
@@ -101,7 +111,7 @@ __global__ void __launch_bounds__(kGemmThreads) grouped_gemm_kernel(GemmParams p
       const int c = i / kTileDepth, d = i % kTileDepth;
       const int col = col0 + c;
       b_tile[c][d] = fp8_value(b_rows[size_t(c) * p.depth + d0 + d]) *
-                     b_scales[(col / kGroup) * scale_depth + group];
+                     b_scales[scale_row(col, p.interleaved_scales) * scale_depth + group];
     }
     __syncthreads();
     for (int d = 0; d < kTileDepth; ++d) {

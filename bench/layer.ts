@@ -1,9 +1,10 @@
 /**
- * `deno task bench:layer`: times one MoeLayer forward per step (route, align, quantise (which
- * also zeroes the output), fused kernel) with CUDA events recorded between the steps, on the
- * DeepSeek-V3 shard shape (256 routed experts + 1 shared, N = 256, K = 7168, top-8 of 8 groups
- * keeping 4, plus the shared slot), and prints the time spent outside the fused kernel
- * (target: at most 15 us at M = 1).
+ * `deno task bench:layer`: times one MoeLayer forward per step with CUDA events recorded between
+ * the steps, on the DeepSeek-V3 shard shape (256 routed experts + 1 shared, N = 256, K = 7168,
+ * top-8 of 8 groups keeping 4, plus the shared slot), and prints the time spent outside the
+ * fused kernel (target: at most 15 us at M = 1). Each path of the steps before the kernel is
+ * timed (`--path`): "separate" (route, align, quantise (which also zeroes the output): three
+ * launches) and "prologue" (the three in one launch, what the layer takes for small batches).
  *
  * Two modes:
  * - device: a 1 GiB memset is queued before each forward (it also flushes the L2 cache), so the
@@ -22,12 +23,15 @@ import { parseArgs } from "node:util";
 import { DeviceBuffer } from "../src/buffer.ts";
 import { encodeBf16 } from "../src/codecs.ts";
 import { deviceInfo, probeHopperGpu } from "../src/device.ts";
-import { FORWARD_STEPS, MoeLayer, timeForward } from "../src/layer.ts";
+import { type ForwardPath, MoeLayer, timeForward } from "../src/layer.ts";
+import { prologueFits } from "../src/routing.ts";
 import { fillRandomFp8, randomLogUniform, randomNormal, Rng } from "../src/random.ts";
 import { Timer } from "../src/timing.ts";
 
 const HELP = `Usage: deno task bench:layer [options]
   --m LIST          token counts (default 1)
+  --path P          both (default), auto, prologue or separate: the path(s) of the steps
+                    before the fused kernel to time (auto: the one MoeLayer picks for M)
   --iterations N    timed forwards per mode (default 200)
   --json FILE       write the medians as JSON
   -h, --help
@@ -35,14 +39,15 @@ const HELP = `Usage: deno task bench:layer [options]
 Shape: DeepSeek-V3 shard, 256 routed experts + 1 shared, N=256 (intermediate 128), K=7168,
 grouped routing top-8 (n_group 8, topk_group 4), routed_scaling_factor 2.5.`;
 
-const OUTSIDE = ["route", "align", "quantize"] as const;
 const K = 7168, I = 128, E = 256;
+const PATHS = ["both", "auto", "prologue", "separate"] as const;
 
 function main(): number {
   const { values } = parseArgs({
     options: {
       m: { type: "string", default: "1" },
       iterations: { type: "string", default: "200" },
+      path: { type: "string", default: "both" },
       json: { type: "string" },
       help: { type: "boolean", short: "h", default: false },
     },
@@ -57,6 +62,11 @@ function main(): number {
     return 1;
   }
   const iterations = Number(values.iterations);
+  const pathArg = values.path as typeof PATHS[number];
+  if (!PATHS.includes(pathArg)) {
+    console.error(`--path must be one of ${PATHS.join(", ")}, got ${values.path}`);
+    return 2;
+  }
   const card = deviceInfo().name;
   const rng = new Rng(1);
   using timer = new Timer();
@@ -94,27 +104,47 @@ function main(): number {
     layer.forward(hidden, logits); // scratch buffers, modules, tensor maps
     timer.stream.synchronize();
     const config = layer.buffersFor(M).config;
-    const device = timeForward(layer, hidden, logits, { iterations, pace: "device" });
-    const paced = timeForward(layer, hidden, logits, { iterations, pace: "host" });
+    const auto = layer.pathFor(M);
+    const paths: ForwardPath[] = pathArg === "both"
+      ? ["separate", "prologue"]
+      : [pathArg === "auto" ? auto : pathArg];
     const fmt = (v: number): string => v.toFixed(2).padStart(12);
-    console.log(
-      `\nM=${M}, config ${config.blockM}/${config.blockN}/${config.warpN}/${config.stages}, ` +
-        `median of ${iterations} (us):`,
-    );
-    console.log(`  ${"step".padEnd(24)}${"device".padStart(12)}${"host-paced".padStart(12)}`);
-    for (const s of FORWARD_STEPS) {
-      console.log(`  ${s.padEnd(24)}${fmt(device[s])}${fmt(paced[s])}`);
+    const timings: Record<string, unknown> = {};
+    for (const path of paths) {
+      if (path === "prologue" && !prologueFits(M, layer.width, layer.numExperts)) {
+        console.log(`\nM=${M}: the prologue does not take ${M * layer.width} slots; skipped`);
+        continue;
+      }
+      layer.forward(hidden, logits, { path });
+      timer.stream.synchronize();
+      const device = timeForward(layer, hidden, logits, { iterations, pace: "device", path });
+      const paced = timeForward(layer, hidden, logits, { iterations, pace: "host", path });
+      console.log(
+        `\nM=${M}, ${path} path${path === auto ? " (the layer's choice)" : ""}, config ` +
+          `${config.blockM}/${config.blockN}/${config.warpN}/${config.stages}, median of ` +
+          `${iterations} (us):`,
+      );
+      console.log(`  ${"step".padEnd(24)}${"device".padStart(12)}${"host-paced".padStart(12)}`);
+      for (const s of device.steps) {
+        console.log(`  ${s.padEnd(24)}${fmt(device[s])}${fmt(paced[s])}`);
+      }
+      console.log(
+        `  ${"outside the kernel".padEnd(24)}${fmt(device.outside)}${fmt(paced.outside)}`,
+      );
+      console.log(`  ${"whole forward".padEnd(24)}${fmt(device.total)}${fmt(paced.total)}`);
+      console.log(`  host time of forward(): ${device.hostUs.toFixed(1)} us (enqueue only)`);
+      const outside = device.steps.filter((s) => s !== "fused");
+      console.log(
+        `  outside the fused kernel: ${device.outside.toFixed(2)} us of device time ` +
+          `(${outside.join(" + ")}, the output zeroed inside ` +
+          `${path === "prologue" ? "the prologue" : "quantize"}; ${outside.length} ` +
+          `launch${outside.length === 1 ? "" : "es"}; target <= 15 us: ` +
+          `${device.outside <= 15 ? "met" : "NOT met"}); the kernel is ` +
+          `${(100 * (device.total - device.outside) / device.total).toFixed(0)} % of the forward`,
+      );
+      timings[path] = { device, hostPaced: paced };
     }
-    console.log(`  ${"outside the kernel".padEnd(24)}${fmt(device.outside)}${fmt(paced.outside)}`);
-    console.log(`  ${"whole forward".padEnd(24)}${fmt(device.total)}${fmt(paced.total)}`);
-    console.log(`  host time of forward(): ${device.hostUs.toFixed(1)} us (enqueue only)`);
-    console.log(
-      `  outside the fused kernel: ${device.outside.toFixed(2)} us of device time ` +
-        `(${OUTSIDE.join(" + ")}, the output zeroed inside quantize; target <= 15 us: ` +
-        `${device.outside <= 15 ? "met" : "NOT met"}); the kernel is ` +
-        `${(100 * (device.total - device.outside) / device.total).toFixed(0)} % of the forward`,
-    );
-    results.push({ M, config, device, hostPaced: paced });
+    results.push({ M, config, auto, ...timings });
   }
   if (values.json) {
     Deno.writeTextFileSync(

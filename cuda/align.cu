@@ -5,12 +5,106 @@
 #include <cstdint>
 
 #include "moe_ops/align.cuh"
+#include "moe_ops/validate.cuh"
 #include "status.cuh"
 
 namespace amoe {
-namespace {
+namespace ops {
 
-bool aligned4(const void* p) { return reinterpret_cast<uintptr_t>(p) % 4 == 0; }
+// The kernels (the device code they run is in moe_ops/align.cuh).
+
+// ---- small path: one block ----
+
+__global__ void __launch_bounds__(kAlignSmallThreads) align_small_kernel(const AlignParams p) {
+  extern __shared__ int smem[];
+  align_small_block(p, smem);
+}
+
+// ---- large path: count, scan, scatter ----
+
+// One warp per segment: counts[g][e] = valid ids of segment g routed to e.
+__global__ void __launch_bounds__(kAlignWarpsPerBlock * kWarp)
+    align_count_kernel(const AlignParams p) {
+  extern __shared__ int smem[];
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  const int g = blockIdx.x * kAlignWarpsPerBlock + warp;
+  if (g >= p.segments) return;
+  int* my = smem + warp * p.E;
+  for (int e = lane; e < p.E; e += kWarp) my[e] = 0;
+  __syncwarp();
+  const int begin = g * p.segment;
+  const int end = min(begin + p.segment, p.num_slots);
+  warp_count(p.topk_ids, begin, end, p.E, my, lane);
+  int32_t* row = p.counts + static_cast<size_t>(g) * p.E;
+  for (int e = lane; e < p.E; e += kWarp) row[e] = my[e];
+}
+
+// One block, one thread per expert: counts become exclusive prefixes over segments, then the
+// experts' padded runs are laid out (starts, num_tokens_post_padded, the pads inside runs).
+__global__ void __launch_bounds__(kAlignScanThreads) align_scan_kernel(const AlignParams p) {
+  __shared__ int scratch[kWarp + 1];
+  const int e = threadIdx.x;
+  int total = 0;
+  if (e < p.E) {
+    constexpr int kChunk = 8;  // loads first, then the dependent sums: keeps 8 loads in flight
+    int g = 0;
+    for (; g + kChunk <= p.segments; g += kChunk) {
+      int c[kChunk];
+#pragma unroll
+      for (int j = 0; j < kChunk; ++j) c[j] = p.counts[static_cast<size_t>(g + j) * p.E + e];
+#pragma unroll
+      for (int j = 0; j < kChunk; ++j) {
+        p.counts[static_cast<size_t>(g + j) * p.E + e] = total;
+        total += c[j];
+      }
+    }
+    for (; g < p.segments; ++g) {
+      const int c = p.counts[static_cast<size_t>(g) * p.E + e];
+      p.counts[static_cast<size_t>(g) * p.E + e] = total;
+      total += c;
+    }
+  }
+  const int padded = e < p.E ? round_up_to(total, p.block_m) : 0;
+  int ntpp = 0;
+  const int first = block_exclusive_scan(padded, scratch, &ntpp);
+  if (e < p.E) {
+    p.starts[e] = first;
+    pad_run(p, first, total, padded);
+  }
+  if (e == 0) {
+    p.starts[p.E] = ntpp;
+    *p.ntpp = ntpp;
+  }
+}
+
+// One warp per segment scatters its slots; all blocks together fill expert_ids and the tail.
+__global__ void __launch_bounds__(kAlignWarpsPerBlock * kWarp)
+    align_scatter_kernel(const AlignParams p) {
+  extern __shared__ int smem[];
+  int* start = smem;               // [E + 1]
+  int* run = smem + p.E + 1;       // [warps][E]
+  const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp;
+  for (int e = tid; e <= p.E; e += blockDim.x) start[e] = p.starts[e];
+  __syncthreads();
+  const int ntpp = start[p.E];
+  fill_expert_ids(start, p, blockIdx.x * blockDim.x + tid, gridDim.x * blockDim.x);
+  fill_tail(p, ntpp, blockIdx.x * blockDim.x + tid, gridDim.x * blockDim.x);
+  const int g = blockIdx.x * kAlignWarpsPerBlock + warp;
+  if (g >= p.segments) return;
+  int* my = run + warp * p.E;
+  const int32_t* row = p.counts + static_cast<size_t>(g) * p.E;
+  for (int e = lane; e < p.E; e += kWarp) my[e] = start[e] + row[e];
+  __syncwarp();
+  const int begin = g * p.segment;
+  const int end = min(begin + p.segment, p.num_slots);
+  warp_scatter(p.topk_ids, begin, end, p.E, my, p.sorted, lane);
+}
+
+}  // namespace ops
+}  // namespace amoe
+
+namespace amoe {
+namespace {
 
 // Bytes of workspace for num_slots slots over E experts: 0 on the one-block path.
 size_t workspace_bytes(int num_slots, int E) {
@@ -18,15 +112,6 @@ size_t workspace_bytes(int num_slots, int E) {
   int segment = 0, segments = 0;
   ops::align_segments(num_slots, &segment, &segments);
   return sizeof(int32_t) * (static_cast<size_t>(segments) * E + E + 1);
-}
-
-int check_sizes(const char* what, int32_t num_slots, int32_t E) {
-  AMOE_REQUIRE(num_slots >= 0, "%s: num_slots must be >= 0, got %d", what, num_slots);
-  if (E < 1 || E > ops::kMaxAlignExperts) {
-    return fail(AMOE_ERR_UNSUPPORTED, "%s: num_experts %d is not supported: valid values are 1..%d",
-                what, E, ops::kMaxAlignExperts);
-  }
-  return AMOE_OK;
 }
 
 }  // namespace
@@ -38,7 +123,7 @@ int amoe_moe_align_workspace_bytes(int32_t num_slots, int32_t num_experts, size_
   using namespace amoe;
   AMOE_REQUIRE(bytes != nullptr, "amoe_moe_align_workspace_bytes: bytes is null");
   *bytes = 0;
-  AMOE_TRY(check_sizes("amoe_moe_align_workspace_bytes", num_slots, num_experts));
+  AMOE_TRY(ops::check_align_sizes("amoe_moe_align_workspace_bytes", num_slots, num_experts));
   *bytes = workspace_bytes(num_slots, num_experts);
   return AMOE_OK;
 }
@@ -50,34 +135,11 @@ int amoe_moe_align_block_size(const int32_t* topk_ids, int32_t num_slots, int32_
                               size_t workspace_size, void* stream) {
   using namespace amoe;
   const char* what = "amoe_moe_align_block_size";
-  AMOE_TRY(check_sizes(what, num_slots, num_experts));
-  AMOE_REQUIRE(block_m >= 1 && block_m <= 1024, "%s: block_m must be in 1..1024, got %d", what,
-               block_m);
-  AMOE_REQUIRE(sorted_token_ids != nullptr && expert_ids != nullptr &&
-                   num_tokens_post_padded != nullptr && (num_slots == 0 || topk_ids != nullptr),
-               "%s: topk_ids, sorted_token_ids, expert_ids and num_tokens_post_padded must not "
-               "be null",
-               what);
-  AMOE_REQUIRE(aligned4(topk_ids) && aligned4(sorted_token_ids) && aligned4(expert_ids) &&
-                   aligned4(num_tokens_post_padded) && aligned4(workspace),
-               "%s: every pointer must be 4-byte aligned", what);
-  const int64_t min_sorted =
-      static_cast<int64_t>(num_slots) + static_cast<int64_t>(num_experts) * (block_m - 1);
-  AMOE_REQUIRE(min_sorted <= INT32_MAX, "%s: num_slots + num_experts * (block_m - 1) overflows int32",
-               what);
-  AMOE_REQUIRE(sorted_len >= min_sorted,
-               "%s: sorted_token_ids has %d entries; %d slots over %d experts in blocks of %d "
-               "need num_slots + num_experts * (block_m - 1) = %lld",
-               what, sorted_len, num_slots, num_experts, block_m,
-               static_cast<long long>(min_sorted));
-  const int64_t min_blocks = (min_sorted + block_m - 1) / block_m;
-  AMOE_REQUIRE(num_blocks >= min_blocks,
-               "%s: expert_ids has %d entries; the layout needs ceil(%lld / %d) = %lld", what,
-               num_blocks, static_cast<long long>(min_sorted), block_m,
-               static_cast<long long>(min_blocks));
-  AMOE_REQUIRE(static_cast<int64_t>(num_blocks) * block_m <= INT32_MAX,
-               "%s: expert_ids (%d entries) times block_m (%d) overflows int32", what, num_blocks,
-               block_m);
+  AMOE_TRY(ops::check_align_sizes(what, num_slots, num_experts));
+  AMOE_TRY(ops::check_align_outputs(what, topk_ids, num_slots, num_experts, block_m,
+                                    sorted_token_ids, sorted_len, expert_ids, num_blocks,
+                                    num_tokens_post_padded));
+  AMOE_REQUIRE(ops::aligned_to(workspace, 4), "%s: every pointer must be 4-byte aligned", what);
   const size_t need = workspace_bytes(num_slots, num_experts);
   AMOE_REQUIRE(workspace_size >= need && (need == 0 || workspace != nullptr),
                "%s: the workspace has %zu bytes, %d slots over %d experts need %zu "

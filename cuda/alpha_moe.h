@@ -156,6 +156,40 @@ AMOE_API int amoe_moe_align_block_size(const int32_t* topk_ids, int32_t num_slot
 AMOE_API int amoe_quant_fp8_per_token_group(const void* x, int32_t M, int32_t K, void* q,
                                             float* scale, void* zero_out, void* stream);
 
+/* Routing methods of amoe_moe_prologue. */
+typedef enum amoe_routing_method {
+  AMOE_ROUTING_SOFTMAX = 0,         /* as amoe_topk_softmax */
+  AMOE_ROUTING_GROUPED_SIGMOID = 1, /* as amoe_topk_grouped_sigmoid */
+} amoe_routing_method;
+
+/* Largest number of slots (M * (top_k (+1))) amoe_moe_prologue takes. */
+#define AMOE_PROLOGUE_MAX_SLOTS 4096
+
+/*
+ * The three steps above in one launch, for small batches (M up to a few dozen tokens, where
+ * the launches of the separate entries cost more than their work):
+ *   1. routing of logits f32 [M, num_experts] by `method`, with the arguments and outputs of
+ *      amoe_topk_softmax / amoe_topk_grouped_sigmoid (n_group, topk_group and bias apply to
+ *      grouped routing only: pass bias NULL for softmax);
+ *   2. moe_align_block_size of the M * width slots of topk_ids over align_experts experts, as
+ *      amoe_moe_align_block_size (no workspace);
+ *   3. FP8 quantisation of x bf16 [M, K] into q and scale, zeroing zero_out (NULL: none), as
+ *      amoe_quant_fp8_per_token_group.
+ * Every output equals, bit for bit, what the three entries write when called in turn with the
+ * same arguments. M * width must be at most AMOE_PROLOGUE_MAX_SLOTS (AMOE_ERR_UNSUPPORTED
+ * otherwise: use the separate entries). Validates everything before launching; asynchronous on
+ * `stream`; no allocation, no synchronisation.
+ */
+AMOE_API int amoe_moe_prologue(int32_t method, const float* logits, const float* bias, int32_t M,
+                               int32_t num_experts, int32_t n_group, int32_t topk_group,
+                               int32_t top_k, int32_t renormalize, float weight_scale,
+                               int32_t shared_expert_id, float shared_weight, int32_t* topk_ids,
+                               float* topk_weights, int32_t align_experts, int32_t block_m,
+                               int32_t* sorted_token_ids, int32_t sorted_len, int32_t* expert_ids,
+                               int32_t num_blocks, int32_t* num_tokens_post_padded,
+                               const void* x, int32_t K, void* q, float* scale, void* zero_out,
+                               void* stream);
+
 /* ---- unfused baseline ---- */
 
 /* Bytes of device workspace amoe_unfused_moe_w8a8 needs for (M, K, N, top_k): an f32

@@ -4,11 +4,24 @@
 #include <cstdint>
 
 #include "moe_ops/quant.cuh"
+#include "moe_ops/validate.cuh"
 #include "status.cuh"
 
-namespace {
-bool aligned(const void* p, uintptr_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; }
-}  // namespace
+namespace amoe {
+namespace ops {
+
+// The kernel (the device code it runs is in moe_ops/quant.cuh): one warp per group.
+__global__ void __launch_bounds__(kQuantWarpsPerBlock * kWarp)
+    quant_fp8_group_kernel(const __nv_bfloat16* __restrict__ x, int64_t groups,
+                           uint8_t* __restrict__ q, float* __restrict__ scale,
+                           __nv_bfloat16* __restrict__ zero_out) {
+  const int64_t g = static_cast<int64_t>(blockIdx.x) * kQuantWarpsPerBlock + threadIdx.x / kWarp;
+  if (g >= groups) return;
+  quant_group(x, g, q, scale, zero_out, threadIdx.x % kWarp);
+}
+
+}  // namespace ops
+}  // namespace amoe
 
 extern "C" {
 
@@ -16,15 +29,7 @@ int amoe_quant_fp8_per_token_group(const void* x, int32_t M, int32_t K, void* q,
                                    void* zero_out, void* stream) {
   using namespace amoe;
   const char* what = "amoe_quant_fp8_per_token_group";
-  AMOE_REQUIRE(M >= 0, "%s: M must be >= 0, got %d", what, M);
-  AMOE_REQUIRE(K > 0 && K % ops::kQuantGroup == 0,
-               "%s: K must be a positive multiple of %d, got %d", what, ops::kQuantGroup, K);
-  AMOE_REQUIRE(M == 0 || (x != nullptr && q != nullptr && scale != nullptr),
-               "%s: x, q and scale must not be null", what);
-  AMOE_REQUIRE(aligned(x, 8) && aligned(q, 4) && aligned(scale, 4) && aligned(zero_out, 8),
-               "%s: x and zero_out must be 8-byte aligned, q and scale 4-byte aligned", what);
-  AMOE_REQUIRE(zero_out == nullptr || (zero_out != x && zero_out != q),
-               "%s: zero_out must not be x or q", what);
+  AMOE_TRY(ops::check_quant(what, x, M, K, q, scale, zero_out));
   AMOE_TRY(select_device());
   const int64_t groups = static_cast<int64_t>(M) * (K / ops::kQuantGroup);
   if (groups == 0) return AMOE_OK;

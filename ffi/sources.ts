@@ -20,15 +20,18 @@ import s7 from "../cuda/fused_moe/wgmma_fp8.cuh" with { type: "text" };
 import s8 from "../cuda/fused_moe_wg1.cu" with { type: "text" };
 import s9 from "../cuda/fused_moe_wg2.cu" with { type: "text" };
 import s10 from "../cuda/moe_ops/align.cuh" with { type: "text" };
-import s11 from "../cuda/moe_ops/quant.cuh" with { type: "text" };
-import s12 from "../cuda/moe_ops/routing.cuh" with { type: "text" };
-import s13 from "../cuda/moe_ops/warp.cuh" with { type: "text" };
-import s14 from "../cuda/quant.cu" with { type: "text" };
-import s15 from "../cuda/routing.cu" with { type: "text" };
-import s16 from "../cuda/status.cu" with { type: "text" };
-import s17 from "../cuda/status.cuh" with { type: "text" };
-import s18 from "../cuda/unfused.cu" with { type: "text" };
-import s19 from "../cuda/unfused/kernels.cuh" with { type: "text" };
+import s11 from "../cuda/moe_ops/prologue.cuh" with { type: "text" };
+import s12 from "../cuda/moe_ops/quant.cuh" with { type: "text" };
+import s13 from "../cuda/moe_ops/routing.cuh" with { type: "text" };
+import s14 from "../cuda/moe_ops/validate.cuh" with { type: "text" };
+import s15 from "../cuda/moe_ops/warp.cuh" with { type: "text" };
+import s16 from "../cuda/prologue.cu" with { type: "text" };
+import s17 from "../cuda/quant.cu" with { type: "text" };
+import s18 from "../cuda/routing.cu" with { type: "text" };
+import s19 from "../cuda/status.cu" with { type: "text" };
+import s20 from "../cuda/status.cuh" with { type: "text" };
+import s21 from "../cuda/unfused.cu" with { type: "text" };
+import s22 from "../cuda/unfused/kernels.cuh" with { type: "text" };
 
 /** Every CUDA source and header of the package, by path relative to `cuda/`, sorted. */
 export const CUDA_SOURCES: Readonly<Record<string, string>> = Object.freeze({
@@ -43,13 +46,16 @@ export const CUDA_SOURCES: Readonly<Record<string, string>> = Object.freeze({
   "fused_moe_wg1.cu": s8,
   "fused_moe_wg2.cu": s9,
   "moe_ops/align.cuh": s10,
-  "moe_ops/quant.cuh": s11,
-  "moe_ops/routing.cuh": s12,
-  "moe_ops/warp.cuh": s13,
-  "quant.cu": s14,
-  "routing.cu": s15,
-  "status.cu": s16,
-  "status.cuh": s17,
-  "unfused.cu": s18,
-  "unfused/kernels.cuh": s19,
+  "moe_ops/prologue.cuh": s11,
+  "moe_ops/quant.cuh": s12,
+  "moe_ops/routing.cuh": s13,
+  "moe_ops/validate.cuh": s14,
+  "moe_ops/warp.cuh": s15,
+  "prologue.cu": s16,
+  "quant.cu": s17,
+  "routing.cu": s18,
+  "status.cu": s19,
+  "status.cuh": s20,
+  "unfused.cu": s21,
+  "unfused/kernels.cuh": s22,
 });

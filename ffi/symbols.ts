@@ -268,6 +268,53 @@ export const SYMBOLS = {
     nonblocking: false,
     optional: true,
   },
+
+  // ---- the single-launch prologue (cuda/prologue.cu) ----
+  // Optional: a library built before the prologue existed still loads (MoeLayer then runs the
+  // separate routing, alignment and quantisation entries).
+  /**
+   * int amoe_moe_prologue(int32_t method, const float* logits, const float* bias, int32_t M,
+   *                       int32_t num_experts, int32_t n_group, int32_t topk_group,
+   *                       int32_t top_k, int32_t renormalize, float weight_scale,
+   *                       int32_t shared_expert_id, float shared_weight, int32_t* topk_ids,
+   *                       float* topk_weights, int32_t align_experts, int32_t block_m,
+   *                       int32_t* sorted_token_ids, int32_t sorted_len, int32_t* expert_ids,
+   *                       int32_t num_blocks, int32_t* num_tokens_post_padded, const void* x,
+   *                       int32_t K, void* q, float* scale, void* zero_out, void* stream);
+   */
+  amoe_moe_prologue: {
+    parameters: [
+      "i32", // method (0 softmax, 1 grouped sigmoid)
+      "pointer", // logits (f32 [M, E])
+      "pointer", // bias (f32 [E]) or null
+      "i32", // M
+      "i32", // num_experts (routed: the logits' columns)
+      "i32", // n_group
+      "i32", // topk_group
+      "i32", // top_k
+      "i32", // renormalize
+      "f32", // weight_scale
+      "i32", // shared_expert_id (-1: none)
+      "f32", // shared_weight
+      "pointer", // topk_ids (i32 [M, width])
+      "pointer", // topk_weights (f32 [M, width])
+      "i32", // align_experts (experts of the layout: routed + shared)
+      "i32", // block_m
+      "pointer", // sorted_token_ids (i32 [sorted_len])
+      "i32", // sorted_len
+      "pointer", // expert_ids (i32 [num_blocks])
+      "i32", // num_blocks
+      "pointer", // num_tokens_post_padded (i32 [1])
+      "pointer", // x (bf16 [M, K])
+      "i32", // K
+      "pointer", // q (fp8 [M, K])
+      "pointer", // scale (f32 [M, K/128])
+      "pointer", // zero_out (bf16 [M, K]) or null
+      "pointer", // stream
+    ],
+    result: "i32",
+    optional: true,
+  },
 } as const satisfies Deno.ForeignLibraryInterface;
 
 /** The symbol table's type. */

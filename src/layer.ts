@@ -11,6 +11,10 @@
  * 4. **fused**: the fused FP8 kernel (`fusedMoeW8A8UpDown` with `outIsZeroed`), which applies
  *    `routedScalingFactor` once to every slot (the shared slot's weight is its inverse).
  *
+ * For small batches (up to {@link PROLOGUE_MAX_TOKENS} tokens, see {@link MoeLayer.pathFor})
+ * steps 1-3 are one launch instead, **prologue** (`moePrologue`), with the same results bit for
+ * bit: at M = 1 each launch costs more than its work.
+ *
  * The experts' weights are uploaded once (gate/up interleaved for the kernel at upload). The
  * scratch buffers of a token count are allocated by its first forward and reused after, so a
  * forward allocates nothing (and can be captured in a CUDA graph) once a count has been seen.
@@ -41,6 +45,8 @@ import {
   alignedSizes,
   alignWorkspaceBytes,
   checkRouting,
+  moePrologue,
+  prologueFits,
   quantizeFp8,
   routeTopK,
   routeTopKReference,
@@ -93,8 +99,24 @@ export interface MoeLayerOptions extends MoeLayerSpec {
   config?: KernelConfig | ((numTokens: number) => KernelConfig);
 }
 
-/** The steps of a forward, in order, as reported to {@link ForwardOptions.onStep}. */
-export type LayerStep = "route" | "align" | "quantize" | "fused" | "done";
+/** The steps of a forward, as reported to {@link ForwardOptions.onStep}: route, align,
+ * quantize, fused, done; or, on the prologue path, prologue, fused, done. */
+export type LayerStep = "route" | "align" | "quantize" | "prologue" | "fused" | "done";
+
+/** How a forward runs the steps before the fused kernel: "separate" launches route, align and
+ * quantize; "prologue" does all three in one launch (small batches); "auto" picks (see
+ * {@link MoeLayer.pathFor}). */
+export type ForwardPath = "auto" | "prologue" | "separate";
+
+/**
+ * The largest token count for which "auto" takes the prologue path. The prologue routes in
+ * one block (16 warps, a warp per token), so every further 16 tokens add about one token's
+ * routing latency (a microsecond or two), while the separate path routes them all at once and
+ * pays two more launches instead. Measured on an H100 (DeepSeek shard, outside the fused kernel):
+ * M=1 11.1 vs 18.2 µs, M=16 13.4 vs 18.9 µs, M=32 20.5 vs 19.4 µs, M=64 34.8 vs 21.1 µs
+ * (`deno task bench:layer --m 1,16,32,64`).
+ */
+export const PROLOGUE_MAX_TOKENS = 16;
 
 /** Options of {@link MoeLayer.forward}. */
 export interface ForwardOptions {
@@ -103,6 +125,9 @@ export interface ForwardOptions {
   /** Called before each step is enqueued and once at the end ("done"): e.g. to record CUDA
    * events on {@link MoeLayer.stream}. */
   onStep?: (step: LayerStep) => void;
+  /** The path of the steps before the kernel; default "auto". "prologue" throws an
+   * `UnsupportedError` where the prologue cannot run (see {@link MoeLayer.pathFor}). */
+  path?: ForwardPath;
 }
 
 /** The device buffers a forward at one token count uses (see {@link MoeLayer.buffersFor}). */
@@ -367,6 +392,23 @@ export class MoeLayer implements Disposable {
     return pickConfig({ numExperts: this.numExperts, N: this.N, K: this.hiddenSize }, numTokens);
   }
 
+  /**
+   * The path a forward at `M` tokens takes for `path` (default "auto"): "auto" is "prologue"
+   * when M is at most {@link PROLOGUE_MAX_TOKENS}, the slots (M · width) and experts fit the
+   * prologue (`prologueFits`) and the library has it, else "separate".
+   */
+  pathFor(M: number, path: ForwardPath = "auto"): "prologue" | "separate" {
+    if (path === "prologue" || path === "separate") return path;
+    if (path !== "auto") {
+      throw new InvalidArgumentError(
+        `path must be "auto", "prologue" or "separate", got ${JSON.stringify(path)}`,
+      );
+    }
+    return M <= PROLOGUE_MAX_TOKENS && prologueFits(M, this.width, this.numExperts)
+      ? "prologue"
+      : "separate";
+  }
+
   /** The scratch buffers of a forward at `M` tokens, allocated on first use. */
   buffersFor(M: number): LayerBuffers {
     this.#alive();
@@ -421,7 +463,7 @@ export class MoeLayer implements Disposable {
   /**
    * The layer's output for `hidden` (`bf16 [M, K]`) and `routerLogits` (`f32 [M, routed
    * experts]`): route → align → quantise (and zero the output) → fused kernel, enqueued on
-   * {@link stream}.
+   * {@link stream}; the first three in one launch on the prologue path ({@link pathFor}).
    * Returns `options.out`, or the layer's own output buffer for M (overwritten by the next
    * forward at the same M; valid until then). Asynchronous: synchronise {@link stream} before
    * reading it on the host.
@@ -436,7 +478,29 @@ export class MoeLayer implements Disposable {
     const M = this.#checkHidden(hidden);
     expectShape("routerLogits", routerLogits, "f32", [M, this.numRoutedExperts]);
     if (M === 0) return options.out ?? DeviceBuffer.alloc("bf16", [0, this.hiddenSize]);
+    const path = this.pathFor(M, options.path ?? "auto");
     const s = this.buffersFor(M);
+    if (path === "prologue") {
+      const out = this.#checkOut(hidden, s, options);
+      options.onStep?.("prologue");
+      moePrologue(routerLogits, hidden, this.routing, {
+        topkIds: s.topkIds,
+        topkWeights: s.topkWeights,
+        sortedTokenIds: s.sortedTokenIds,
+        expertIds: s.expertIds,
+        numTokensPostPadded: s.numTokensPostPadded,
+        q: s.xq,
+        scale: s.xScale,
+        zeroOut: out,
+      }, {
+        numExperts: this.numExperts,
+        blockM: s.config.blockM,
+        bias: this.#bias,
+        sharedExpert: this.#shared,
+        stream: this.stream,
+      });
+      return this.#fused(s, s.topkWeights, out, options);
+    }
     options.onStep?.("route");
     routeTopK(routerLogits, this.routing, s, {
       bias: this.#bias,
@@ -489,15 +553,35 @@ export class MoeLayer implements Disposable {
     topkWeights: DeviceBuffer<"f32">,
     options: ForwardOptions,
   ): DeviceBuffer<"bf16"> {
-    const M = hidden.shape[0];
-    const out = options.out ?? s.out;
-    expectShape("out", out, "bf16", [M, this.hiddenSize]);
+    const out = this.#checkOut(hidden, s, options);
     const stream = this.stream;
     options.onStep?.("align");
     alignBlockSize(topkIds, this.numExperts, s.config.blockM, s, stream);
     options.onStep?.("quantize");
-    if (out === hidden) throw new InvalidArgumentError("out must not be the hidden states buffer");
     quantizeFp8(hidden, { q: s.xq, scale: s.xScale, zeroOut: out }, stream);
+    return this.#fused(s, topkWeights, out, options);
+  }
+
+  /** The output buffer of a forward: `options.out` (checked) or the layer's own for M. */
+  #checkOut(
+    hidden: DeviceBuffer<"bf16">,
+    s: LayerBuffers,
+    options: ForwardOptions,
+  ): DeviceBuffer<"bf16"> {
+    const out = options.out ?? s.out;
+    expectShape("out", out, "bf16", [hidden.shape[0], this.hiddenSize]);
+    if (out === hidden) throw new InvalidArgumentError("out must not be the hidden states buffer");
+    return out;
+  }
+
+  /** Enqueues the fused kernel on the prepared buffers (the last step of a forward). */
+  #fused(
+    s: LayerBuffers,
+    topkWeights: DeviceBuffer<"f32">,
+    out: DeviceBuffer<"bf16">,
+    options: ForwardOptions,
+  ): DeviceBuffer<"bf16"> {
+    const stream = this.stream;
     options.onStep?.("fused");
     fusedMoeW8A8UpDown(
       {
@@ -565,7 +649,10 @@ function expectShape(
 
 // ---- timing ----
 
-/** The steps {@link timeForward} reports, in order. */
+/** A step {@link timeForward} times (every {@link LayerStep} but "done"). */
+export type TimedStep = Exclude<LayerStep, "done">;
+
+/** The steps of the separate path, in order (what {@link timeForward} reports for it). */
 export const FORWARD_STEPS: readonly ("route" | "align" | "quantize" | "fused")[] = Object.freeze(
   [
     "route",
@@ -575,17 +662,31 @@ export const FORWARD_STEPS: readonly ("route" | "align" | "quantize" | "fused")[
   ] as const,
 );
 
-/** Medians of {@link timeForward}, in microseconds. */
+/** The steps of the prologue path, in order. */
+export const PROLOGUE_FORWARD_STEPS: readonly ("prologue" | "fused")[] = Object.freeze(
+  ["prologue", "fused"] as const,
+);
+
+/** Medians of {@link timeForward}, in microseconds. A step the timed path does not run is 0
+ * (`steps` lists those it runs). */
 export interface ForwardTiming {
-  /** Routing. */
+  /** The path the timed forwards took. */
+  path: "prologue" | "separate";
+  /** The steps of that path, in order ({@link FORWARD_STEPS} or
+   * {@link PROLOGUE_FORWARD_STEPS}). */
+  steps: readonly TimedStep[];
+  /** Routing (separate path). */
   route: number;
-  /** moe_align_block_size. */
+  /** moe_align_block_size (separate path). */
   align: number;
-  /** FP8 quantisation of the activations, with the output zeroed in the same pass. */
+  /** FP8 quantisation of the activations, with the output zeroed in the same pass (separate
+   * path). */
   quantize: number;
+  /** Routing, alignment and quantisation in one launch (prologue path). */
+  prologue: number;
   /** The fused kernel. */
   fused: number;
-  /** route + align + quantize: everything outside the fused kernel. */
+  /** Everything outside the fused kernel (route + align + quantize, or prologue). */
   outside: number;
   /** The whole forward. */
   total: number;
@@ -607,6 +708,8 @@ export interface TimeForwardOptions {
    * L2 cache before each forward (the memset).
    */
   pace?: "device" | "host";
+  /** The forwards' path (default "auto": {@link MoeLayer.pathFor}). */
+  path?: ForwardPath;
 }
 
 function medianOf(v: number[]): number {
@@ -630,47 +733,54 @@ export function timeForward(
   if (!Number.isSafeInteger(iterations) || iterations < 1) {
     throw new InvalidArgumentError(`iterations must be a positive integer, got ${iterations}`);
   }
-  const order: LayerStep[] = [...FORWARD_STEPS, "done"];
+  const path = layer.pathFor(hidden.shape[0], options.path ?? "auto");
+  const steps: readonly TimedStep[] = path === "prologue" ? PROLOGUE_FORWARD_STEPS : FORWARD_STEPS;
+  const order: LayerStep[] = [...steps, "done"];
   const events = new Map<LayerStep, CudaEvent>();
   const stream = layer.stream;
   try {
     for (const s of order) events.set(s, new CudaEvent());
     using delay = DeviceBuffer.alloc("fp8_e4m3", [1 << 30]);
-    for (let i = 0; i < 3; i++) layer.forward(hidden, routerLogits);
-    const onStep = (step: LayerStep): void => events.get(step)!.record(stream);
+    for (let i = 0; i < 3; i++) layer.forward(hidden, routerLogits, { path });
+    const onStep = (step: LayerStep): void => {
+      const event = events.get(step);
+      if (event === undefined) throw new Error(`timeForward: unexpected step ${step} on ${path}`);
+      event.record(stream);
+    };
     const us = (a: LayerStep, b: LayerStep): number =>
       1000 * CudaEvent.elapsed(events.get(a)!, events.get(b)!);
-    const samples: Record<keyof ForwardTiming, number[]> = {
-      route: [],
-      align: [],
-      quantize: [],
-      fused: [],
-      outside: [],
-      total: [],
-      hostUs: [],
-      iterations: [],
+    const samples = new Map<TimedStep | "outside" | "total" | "hostUs", number[]>();
+    const push = (key: TimedStep | "outside" | "total" | "hostUs", v: number): void => {
+      const list = samples.get(key) ?? [];
+      list.push(v);
+      samples.set(key, list);
     };
     for (let i = 0; i < iterations; i++) {
       delay.zero(stream);
       if (options.pace === "host") stream.synchronize();
       const t0 = performance.now();
-      layer.forward(hidden, routerLogits, { onStep });
-      samples.hostUs.push(1000 * (performance.now() - t0));
+      layer.forward(hidden, routerLogits, { onStep, path });
+      push("hostUs", 1000 * (performance.now() - t0));
       stream.synchronize();
-      for (let s = 0; s < FORWARD_STEPS.length; s++) {
-        samples[FORWARD_STEPS[s]].push(us(order[s], order[s + 1]));
-      }
-      samples.outside.push(us("route", "fused"));
-      samples.total.push(us("route", "done"));
+      for (let s = 0; s < steps.length; s++) push(steps[s], us(order[s], order[s + 1]));
+      push("outside", us(order[0], "fused"));
+      push("total", us(order[0], "done"));
     }
+    const median = (key: TimedStep | "outside" | "total" | "hostUs"): number => {
+      const list = samples.get(key);
+      return list === undefined ? 0 : medianOf(list);
+    };
     return {
-      route: medianOf(samples.route),
-      align: medianOf(samples.align),
-      quantize: medianOf(samples.quantize),
-      fused: medianOf(samples.fused),
-      outside: medianOf(samples.outside),
-      total: medianOf(samples.total),
-      hostUs: medianOf(samples.hostUs),
+      path,
+      steps,
+      route: median("route"),
+      align: median("align"),
+      quantize: median("quantize"),
+      prologue: median("prologue"),
+      fused: median("fused"),
+      outside: median("outside"),
+      total: median("total"),
+      hostUs: median("hostUs"),
       iterations,
     };
   } finally {

@@ -2,7 +2,8 @@
  * The steps before the fused kernel, on the GPU: top-k routing from router logits
  * ({@link routeTopK}: softmax top-k, or DeepSeek-V3's grouped sigmoid top-k with correction
  * bias), SGLang's `moe_align_block_size` ({@link alignBlockSize}) and per-token-group FP8
- * quantisation of bf16 activations ({@link quantizeFp8}); plus the CPU reference of the routing
+ * quantisation of bf16 activations ({@link quantizeFp8}); all three in one launch for small
+ * batches ({@link moePrologue}); plus the CPU reference of the routing
  * ({@link routeTopKReference}; the references of the other two are `moeAlignBlockSize` and
  * `quantizePerTokenGroup` in `./reference.ts`).
  *
@@ -22,7 +23,7 @@
  *
  * @module
  */
-import { InvalidArgumentError, unwrap } from "../ffi/errors.ts";
+import { InvalidArgumentError, UnsupportedError, unwrap } from "../ffi/errors.ts";
 import { symbols } from "../ffi/library.ts";
 import type { DeviceBuffer, DType } from "./buffer.ts";
 import { type Stream, streamHandle } from "./device.ts";
@@ -80,6 +81,8 @@ export const MAX_GROUPS = 32;
 export const MAX_ALIGN_EXPERTS = 512;
 /** Group width of {@link quantizeFp8}. */
 export const QUANT_GROUP = 128;
+/** Largest slot count (`M · width`) of {@link moePrologue} (`AMOE_PROLOGUE_MAX_SLOTS`). */
+export const MAX_PROLOGUE_SLOTS = 4096;
 
 /** Slots per token row: `topK`, plus one with a shared expert. */
 export function routingWidth(method: RoutingMethod, sharedExpert?: SharedExpertSlot): number {
@@ -200,7 +203,8 @@ function pickTop(
 /**
  * The routing of {@link routeTopK} on the CPU: the same choices (ties to the lower index) and
  * the same float32 arithmetic, with the transcendental parts (exp, sigmoid) in float64 rounded
- * once, as the kernels compute them. NaN logits count as -Infinity for the choice.
+ * once, as the kernels compute them. NaN logits (and NaN group scores, from an infinite bias)
+ * count as -Infinity for the choice.
  *
  * @param logits `[M, numExperts]` router logits
  * @param bias `[numExperts]` correction bias (grouped routing only; default none)
@@ -279,7 +283,8 @@ export function routeTopKReference(
             t2 = x;
           }
         }
-        groupScore[g] = groupSize >= 2 ? f32(t1 + t2) : t1;
+        const gs = groupSize >= 2 ? f32(t1 + t2) : t1;
+        groupScore[g] = gs !== gs ? -Infinity : gs; // +inf + -inf: NaN counts as -inf
       }
       pickTop(
         groupScore,
@@ -450,6 +455,28 @@ export interface AlignBuffers {
   workspace?: DeviceBuffer;
 }
 
+/** Checks the aligned-layout outputs a launch writes: sizes from {@link alignedSizes}. */
+function checkAlignOutputs(
+  out: Pick<AlignBuffers, "sortedTokenIds" | "expertIds" | "numTokensPostPadded">,
+  numSlots: number,
+  numExperts: number,
+  blockM: number,
+  sortedLen: number,
+  numBlocks: number,
+): void {
+  const check = (name: string, t: Tensor, min: number): void => {
+    if (t.dtype !== "i32" || t.shape.length !== 1 || t.numel < min) {
+      throw new InvalidArgumentError(
+        `${name} is ${describe(t)}, expected i32 [>= ${min}] (${numSlots} slots, ` +
+          `${numExperts} experts, blockM ${blockM})`,
+      );
+    }
+  };
+  check("sortedTokenIds", out.sortedTokenIds, sortedLen);
+  check("expertIds", out.expertIds, numBlocks);
+  expectShape("numTokensPostPadded", out.numTokensPostPadded, "i32", [1]);
+}
+
 /**
  * SGLang's `moe_align_block_size` on the GPU, deterministic: the slots of `topkIds` (any shape;
  * `numel` = M·top_k slots) grouped by expert, ascending within an expert, each run padded to
@@ -479,17 +506,7 @@ export function alignBlockSize(
   }
   const numSlots = topkIds.numel;
   const { sortedLen, numBlocks } = alignedSizes(numSlots, numExperts, blockM);
-  const check = (name: string, t: Tensor, min: number): void => {
-    if (t.dtype !== "i32" || t.shape.length !== 1 || t.numel < min) {
-      throw new InvalidArgumentError(
-        `${name} is ${describe(t)}, expected i32 [>= ${min}] (${numSlots} slots, ` +
-          `${numExperts} experts, blockM ${blockM})`,
-      );
-    }
-  };
-  check("sortedTokenIds", out.sortedTokenIds, sortedLen);
-  check("expertIds", out.expertIds, numBlocks);
-  expectShape("numTokensPostPadded", out.numTokensPostPadded, "i32", [1]);
+  checkAlignOutputs(out, numSlots, numExperts, blockM, sortedLen, numBlocks);
   const workspace = out.workspace;
   unwrap(
     symbols().amoe_moe_align_block_size(
@@ -548,6 +565,149 @@ export function quantizeFp8(x: DeviceBuffer<"bf16">, out: QuantBuffers, stream?:
       out.scale.pointer,
       out.zeroOut?.pointer ?? null,
       streamHandle(stream),
+    ),
+  );
+}
+
+// ---- all three in one launch ----
+
+/** Output buffers of {@link moePrologue}: those of {@link routeTopK}, {@link alignBlockSize}
+ * (no workspace) and {@link quantizeFp8}. */
+export interface PrologueBuffers
+  extends RoutingBuffers, Omit<AlignBuffers, "workspace">, QuantBuffers {}
+
+/** Options of {@link moePrologue}. */
+export interface PrologueOptions extends RouteOptions {
+  /** Experts of the aligned layout: the routed ones, plus one for a shared expert slot. */
+  numExperts: number;
+  /** Block size of the aligned layout (the fused kernel's `blockM`). */
+  blockM: number;
+  /** `f32 [E]` correction bias of grouped routing; none means zero. */
+  bias?: DeviceBuffer<"f32">;
+  /** The stream; default the legacy default stream. */
+  stream?: Stream;
+}
+
+/** Whether the loaded library has {@link moePrologue} (a library built before it lacks it). */
+export function prologueAvailable(): boolean {
+  return symbols().amoe_moe_prologue !== null;
+}
+
+/**
+ * Whether {@link moePrologue} takes `M` tokens of `width` slots (`M · width` at most
+ * {@link MAX_PROLOGUE_SLOTS}) over `numExperts` experts (at most {@link MAX_ALIGN_EXPERTS}), and
+ * the loaded library has it.
+ */
+export function prologueFits(M: number, width: number, numExperts: number): boolean {
+  return M * width <= MAX_PROLOGUE_SLOTS && numExperts <= MAX_ALIGN_EXPERTS &&
+    prologueAvailable();
+}
+
+/**
+ * {@link routeTopK}, then {@link alignBlockSize} of the ids it wrote (over
+ * `options.numExperts` experts, blocks of `options.blockM`), and {@link quantizeFp8} of
+ * `hidden` (zeroing `out.zeroOut` if given), in one launch: block 0 routes the tokens (a warp
+ * per token) and lays out the slots, the other blocks quantise meanwhile. Every output equals,
+ * bit for bit, that of the three functions called in turn. Fastest for a few dozen tokens at
+ * most (the routing runs in one block); takes up to {@link MAX_PROLOGUE_SLOTS} slots.
+ * Asynchronous on `options.stream`.
+ *
+ * @param logits `f32 [M, E]` router logits
+ * @param hidden `bf16 [M, K]` activations, K a multiple of 128
+ * @throws {InvalidArgumentError} for a wrong dtype or shape (naming the buffer), a method that
+ * does not fit E, a bias with softmax routing
+ * @throws {UnsupportedError} for more than {@link MAX_PROLOGUE_SLOTS} slots, or a library built
+ * without the prologue
+ */
+export function moePrologue(
+  logits: DeviceBuffer<"f32">,
+  hidden: DeviceBuffer<"bf16">,
+  method: RoutingMethod,
+  out: PrologueBuffers,
+  options: PrologueOptions,
+): void {
+  const fn = symbols().amoe_moe_prologue;
+  if (fn === null) {
+    throw new UnsupportedError(
+      "this libalpha_moe was built without amoe_moe_prologue: rebuild it with `deno task build`",
+    );
+  }
+  const [M, E] = expectMatrix("logits", logits, "f32");
+  checkRouting(method, E, options);
+  const width = routingWidth(method, options.sharedExpert);
+  expectShape("topkIds", out.topkIds, "i32", [M, width]);
+  expectShape("topkWeights", out.topkWeights, "f32", [M, width]);
+  if (method.kind === "softmax" && options.bias !== undefined) {
+    throw new InvalidArgumentError("routing: a correction bias applies to grouped routing only");
+  }
+  if (options.bias !== undefined) expectShape("bias", options.bias, "f32", [E]);
+  const numSlots = M * width;
+  if (numSlots > MAX_PROLOGUE_SLOTS) {
+    throw new UnsupportedError(
+      `moePrologue: ${numSlots} slots (M ${M} x ${width}) are more than ${MAX_PROLOGUE_SLOTS}: ` +
+        "use routeTopK, alignBlockSize and quantizeFp8",
+    );
+  }
+  const { numExperts, blockM } = options;
+  if (!isInt(numExperts) || numExperts < 1 || numExperts > MAX_ALIGN_EXPERTS) {
+    throw new InvalidArgumentError(
+      `moePrologue: numExperts must be an integer in 1..${MAX_ALIGN_EXPERTS}, got ${numExperts}`,
+    );
+  }
+  if (!isInt(blockM) || blockM < 1 || blockM > 1024) {
+    throw new InvalidArgumentError(`moePrologue: blockM must be in 1..1024, got ${blockM}`);
+  }
+  const { sortedLen, numBlocks } = alignedSizes(numSlots, numExperts, blockM);
+  checkAlignOutputs(out, numSlots, numExperts, blockM, sortedLen, numBlocks);
+  const [hm, K] = expectMatrix("hidden", hidden, "bf16");
+  if (hm !== M) {
+    throw new InvalidArgumentError(
+      `hidden is ${describe(hidden)}, logits has ${M} rows: expected bf16 [${M}, K]`,
+    );
+  }
+  if (K === 0 || K % QUANT_GROUP !== 0) {
+    throw new InvalidArgumentError(
+      `hidden: K (${K}) must be a positive multiple of ${QUANT_GROUP}`,
+    );
+  }
+  expectShape("q", out.q, "fp8_e4m3", [M, K]);
+  expectShape("scale", out.scale, "f32", [M, K / QUANT_GROUP]);
+  if (out.zeroOut !== undefined) {
+    expectShape("zeroOut", out.zeroOut, "bf16", [M, K]);
+    if (out.zeroOut === hidden) {
+      throw new InvalidArgumentError("zeroOut must not be the hidden states themselves");
+    }
+  }
+  const grouped = method.kind === "grouped";
+  unwrap(
+    fn(
+      grouped ? 1 : 0,
+      logits.pointer,
+      options.bias?.pointer ?? null,
+      M,
+      E,
+      grouped ? method.nGroup : 1,
+      grouped ? method.topkGroup : 1,
+      method.topK,
+      (method.renormalize ?? true) ? 1 : 0,
+      options.weightScale ?? 1,
+      options.sharedExpert?.id ?? -1,
+      options.sharedExpert?.weight ?? 0,
+      out.topkIds.pointer,
+      out.topkWeights.pointer,
+      numExperts,
+      blockM,
+      out.sortedTokenIds.pointer,
+      out.sortedTokenIds.numel,
+      out.expertIds.pointer,
+      out.expertIds.numel,
+      out.numTokensPostPadded.pointer,
+      hidden.pointer,
+      K,
+      out.q.pointer,
+      out.scale.pointer,
+      out.zeroOut?.pointer ?? null,
+      streamHandle(options.stream),
     ),
   );
 }

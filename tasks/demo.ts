@@ -23,7 +23,6 @@ import { decodeBf16, encodeBf16 } from "../src/codecs.ts";
 import { loadExperts } from "../src/checkpoint.ts";
 import {
   type ExpertWeights,
-  FORWARD_STEPS,
   MoeLayer,
   moeLayerReference,
   type MoeLayerSpec,
@@ -299,8 +298,14 @@ async function runOnGpu(
     `steps (device time, median of ${ITERATIONS} forwards, L2 flushed before each; ` +
       `host enqueue ${t.hostUs.toFixed(0)} µs):`,
   );
-  const names = { route: "route", align: "align", quantize: "quantize + zero", fused: "fused" };
-  for (const s of FORWARD_STEPS) console.log(`  ${names[s].padEnd(16)} ${t[s].toFixed(1)} µs`);
+  const names = {
+    route: "route",
+    align: "align",
+    quantize: "quantize + zero",
+    prologue: "route+align+quant",
+    fused: "fused",
+  };
+  for (const s of t.steps) console.log(`  ${names[s].padEnd(18)} ${t[s].toFixed(1)} µs`);
   console.log(
     `fused kernel: ${t.fused.toFixed(1)} µs, ${(100 * t.fused / t.total).toFixed(0)} % of the ` +
       `${t.total.toFixed(1)} µs forward (outside the kernel: ${t.outside.toFixed(1)} µs)`,

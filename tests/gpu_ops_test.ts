@@ -1,8 +1,11 @@
 // The steps before the fused kernel on the GPU (src/routing.ts): routing, moe_align_block_size
 // and FP8 quantisation against their CPU references on random inputs (ties and degenerate
-// routings included) and against the golden vectors. Needs a Hopper GPU; ignored elsewhere.
+// routings included) and against the golden vectors; the single-launch prologue against the
+// three separate kernels (bit for bit) and the references. Needs a Hopper GPU; ignored
+// elsewhere.
 import assert from "node:assert/strict";
-import { InvalidArgumentError, UnsupportedError } from "../ffi/errors.ts";
+import { InvalidArgumentError, UnsupportedError, unwrap } from "../ffi/errors.ts";
+import { symbols } from "../ffi/library.ts";
 import { DeviceBuffer } from "../src/buffer.ts";
 import { decodeBf16, encodeBf16 } from "../src/codecs.ts";
 import { moeAlignBlockSize, quantizePerTokenGroup } from "../src/reference.ts";
@@ -11,6 +14,8 @@ import {
   alignBlockSize,
   alignedSizes,
   alignWorkspaceBytes,
+  MAX_PROLOGUE_SLOTS,
+  moePrologue,
   quantizeFp8,
   routeTopK,
   routeTopKReference,
@@ -319,3 +324,331 @@ gpuTest("bad arguments are refused before anything is enqueued", () => {
   using s = DeviceBuffer.alloc("f32", [2, 2]);
   assert.throws(() => quantizeFp8(x, { q, scale: s }), /multiple of 128/);
 });
+
+// ---- the single-launch prologue (routing + alignment + quantisation + zeroing) ----
+
+const PROLOGUE_MS = [1, 5, 128, 400];
+
+/** The layouts' expert counts (routed + a shared expert when there is one), and the routing
+ * methods of each routed count: grouped ones that exercise groups of one, of 32 and of more
+ * than 32 (73: past a warp), one group, and every group kept. */
+function prologueMethods(routed: number): RoutingMethod[] {
+  const grouped: Record<number, RoutingMethod[]> = {
+    8: [{ kind: "grouped", topK: 3, nGroup: 4, topkGroup: 2 }],
+    7: [{ kind: "grouped", topK: 3, nGroup: 7, topkGroup: 4 }],
+    257: [{ kind: "grouped", topK: 8, nGroup: 1, topkGroup: 1 }],
+    256: [
+      { kind: "grouped", topK: 8, nGroup: 8, topkGroup: 4 },
+      { kind: "grouped", topK: 8, nGroup: 8, topkGroup: 8 },
+    ],
+    512: [{ kind: "grouped", topK: 8, nGroup: 16, topkGroup: 4 }],
+    511: [{ kind: "grouped", topK: 8, nGroup: 7, topkGroup: 3 }],
+  };
+  const g = grouped[routed];
+  return [
+    { kind: "softmax", topK: Math.min(6, routed) },
+    { kind: "softmax", topK: 2, renormalize: false },
+    ...g,
+    { ...g[0], renormalize: false },
+  ];
+}
+
+interface StepsOut {
+  ids: Int32Array;
+  weights: Float32Array;
+  sorted: Int32Array;
+  expertIds: Int32Array;
+  ntpp: number;
+  q: Uint8Array;
+  scale: Float32Array;
+  zeroed: boolean;
+}
+
+/** Runs the prologue, or the three separate steps, on fresh buffers full of garbage. */
+function runSteps(
+  prologue: boolean,
+  logits: DeviceBuffer<"f32">,
+  x: DeviceBuffer<"bf16">,
+  method: RoutingMethod,
+  numExperts: number,
+  blockM: number,
+  options: { bias?: DeviceBuffer<"f32">; weightScale?: number; sharedExpert?: SharedExpertSlot },
+): StepsOut {
+  const [M, K] = x.shape;
+  const width = method.topK + (options.sharedExpert ? 1 : 0);
+  const { sortedLen, numBlocks } = alignedSizes(M * width, numExperts, blockM);
+  using topkIds = DeviceBuffer.alloc("i32", [M, width]);
+  using topkWeights = DeviceBuffer.alloc("f32", [M, width]);
+  using sortedTokenIds = DeviceBuffer.alloc("i32", [sortedLen]);
+  using expertIds = DeviceBuffer.alloc("i32", [numBlocks]);
+  using numTokensPostPadded = DeviceBuffer.alloc("i32", [1]);
+  using q = DeviceBuffer.alloc("fp8_e4m3", [M, K]);
+  using scale = DeviceBuffer.alloc("f32", [M, K / 128]);
+  using zeroOut = DeviceBuffer.alloc("bf16", [M, K]);
+  for (
+    const b of [topkIds, topkWeights, sortedTokenIds, expertIds, numTokensPostPadded, q, scale]
+  ) {
+    b.fill(0xab); // garbage: every entry must be written
+  }
+  zeroOut.fill(0x5a);
+  if (prologue) {
+    moePrologue(logits, x, method, {
+      topkIds,
+      topkWeights,
+      sortedTokenIds,
+      expertIds,
+      numTokensPostPadded,
+      q,
+      scale,
+      zeroOut,
+    }, { ...options, numExperts, blockM });
+  } else {
+    routeTopK(logits, method, { topkIds, topkWeights }, options);
+    const ws = alignWorkspaceBytes(M * width, numExperts);
+    using workspace = ws > 0 ? DeviceBuffer.alloc("i32", [ws / 4]) : undefined;
+    alignBlockSize(topkIds, numExperts, blockM, {
+      sortedTokenIds,
+      expertIds,
+      numTokensPostPadded,
+      workspace,
+    });
+    quantizeFp8(x, { q, scale, zeroOut });
+  }
+  return {
+    ids: topkIds.download(),
+    weights: topkWeights.download(),
+    sorted: sortedTokenIds.download(),
+    expertIds: expertIds.download(),
+    ntpp: numTokensPostPadded.download()[0],
+    q: q.download(),
+    scale: scale.download(),
+    zeroed: zeroOut.download().every((v) => v === 0),
+  };
+}
+
+function bytesOf(a: ArrayBufferView): Uint8Array {
+  return new Uint8Array(a.buffer, a.byteOffset, a.byteLength);
+}
+
+function assertBitEqual(a: ArrayBufferView, b: ArrayBufferView, what: string): void {
+  const x = bytesOf(a), y = bytesOf(b);
+  assert.equal(x.length, y.length, `${what}: lengths`);
+  const i = x.findIndex((v, j) => v !== y[j]);
+  if (i >= 0) assert.fail(`${what}: byte ${i} differs (${x[i]} vs ${y[i]})`);
+}
+
+gpuTest("the prologue equals the separate kernels bit for bit, and the CPU references", () => {
+  const rng = new Rng(11);
+  let cases = 0, exactWeights = 0, slots = 0;
+  for (const total of ES) {
+    for (const shared of [false, true]) {
+      const routed = shared ? total - 1 : total;
+      const bias = Float32Array.from({ length: routed }, () => 0.05 * rng.normal());
+      using biasBuf = DeviceBuffer.from("f32", [routed], bias);
+      for (const M of PROLOGUE_MS) {
+        const K = M >= 128 ? 256 : 512;
+        const logits = prologueLogits(rng, M, routed);
+        const xs = new Float32Array(M * K).map((_, i) =>
+          (Math.floor(i / 128) % 5 === 2 ? 0 : 1) *
+          rng.normal()
+        );
+        const xBits = encodeBf16(xs);
+        using l = DeviceBuffer.from("f32", [M, routed], logits);
+        using x = DeviceBuffer.from("bf16", [M, K], xBits);
+        const quant = quantizePerTokenGroup(decodeBf16(xBits), M, K);
+        for (const method of prologueMethods(routed)) {
+          const width = method.topK + (shared ? 1 : 0);
+          if (M * width > MAX_PROLOGUE_SLOTS) continue;
+          const grouped = method.kind === "grouped";
+          const sharedExpert = shared ? { id: routed, weight: 0.4 } : undefined;
+          const options = { bias: grouped ? biasBuf : undefined, weightScale: 1.5, sharedExpert };
+          const blockM = M >= 128 ? 64 : 16;
+          const what = `E=${total} (${routed} routed${shared ? " + shared" : ""}) M=${M} ` +
+            JSON.stringify(method);
+          const one = runSteps(true, l, x, method, total, blockM, options);
+          const three = runSteps(false, l, x, method, total, blockM, options);
+          for (const k of ["ids", "weights", "sorted", "expertIds", "q", "scale"] as const) {
+            assertBitEqual(one[k], three[k], `${what}: ${k}, prologue vs separate`);
+          }
+          assert.equal(one.ntpp, three.ntpp, `${what}: num_tokens_post_padded`);
+          assert.ok(one.zeroed && three.zeroed, `${what}: zeroOut not zeroed`);
+          // The CPU references: ids, layout and quantisation exactly, weights as the routing
+          // test does (the double-precision exp may differ from Math.exp in the last bit).
+          const ref = routeTopKReference(logits, M, routed, method, {
+            bias: grouped ? bias : undefined,
+            weightScale: 1.5,
+            sharedExpert,
+          });
+          assert.deepEqual(one.ids, ref.topkIds, `${what}: ids vs reference`);
+          for (let i = 0; i < one.weights.length; i++) {
+            const a = one.weights[i], b = ref.topkWeights[i];
+            if (Number.isNaN(a) && Number.isNaN(b)) continue; // a NaN logit's expert picked
+            const d = Math.abs(a - b);
+            assert.ok(d <= 1e-6 * Math.max(1, Math.abs(b)), `${what}: slot ${i}: ${a} vs ${b}`);
+            if (d === 0) exactWeights++;
+          }
+          slots += one.weights.length;
+          const aligned = moeAlignBlockSize(ref.topkIds, total, blockM);
+          assert.equal(one.ntpp, aligned.numTokensPostPadded, `${what}: ntpp vs reference`);
+          assertBitEqual(one.sorted, aligned.sortedTokenIds, `${what}: sorted vs reference`);
+          assertBitEqual(one.expertIds, aligned.expertIds, `${what}: expert_ids vs reference`);
+          assertBitEqual(one.q, quant.q, `${what}: codes vs reference`);
+          assertBitEqual(one.scale, quant.scale, `${what}: scales vs reference`);
+          cases++;
+        }
+      }
+    }
+  }
+  console.log(
+    `${cases} cases: prologue = separate kernels bit for bit; = CPU references ` +
+      `(${exactWeights}/${slots} weights bit-equal, all within 1e-6)`,
+  );
+});
+
+gpuTest("the prologue at the DeepSeek shard shape, and its limits", () => {
+  const rng = new Rng(12);
+  const routed = 256, total = 257, K = 7168;
+  const method = { kind: "grouped", topK: 8, nGroup: 8, topkGroup: 4 } as const;
+  using bias = DeviceBuffer.from(
+    "f32",
+    [routed],
+    Float32Array.from({ length: routed }, () => 0.05 * rng.normal()),
+  );
+  const sharedExpert = { id: routed, weight: 1 / 2.5 };
+  for (const M of [1, 2, 16, 17, 32, 455]) {
+    using l = DeviceBuffer.from("f32", [M, routed], randomLogitsRows(rng, M, routed));
+    using x = DeviceBuffer.from("bf16", [M, K], encodeBf16(randomRows(rng, M * K)));
+    const options = { bias, sharedExpert };
+    const one = runSteps(true, l, x, method, total, 16, options);
+    const three = runSteps(false, l, x, method, total, 16, options);
+    for (const k of ["ids", "weights", "sorted", "expertIds", "q", "scale"] as const) {
+      assertBitEqual(one[k], three[k], `M=${M}: ${k}, prologue vs separate`);
+    }
+    assert.equal(one.ntpp, three.ntpp);
+    assert.ok(one.zeroed);
+  }
+  // More than MAX_PROLOGUE_SLOTS slots: refused (455 * 9 = 4095 fits, 456 * 9 does not).
+  using l = DeviceBuffer.alloc("f32", [456, routed]);
+  using x = DeviceBuffer.alloc("bf16", [456, 128]);
+  assert.throws(
+    () => runSteps(true, l, x, method, total, 16, { bias, sharedExpert }),
+    (e: unknown) => e instanceof UnsupportedError && /4104 slots/.test(e.message),
+  );
+  // A bias with softmax routing, a layout of more than 512 experts, a wrong hidden shape.
+  using l1 = DeviceBuffer.alloc("f32", [1, routed]);
+  using x1 = DeviceBuffer.alloc("bf16", [1, 128]);
+  assert.throws(
+    () => runSteps(true, l1, x1, { kind: "softmax", topK: 2 }, total, 16, { bias }),
+    /bias applies to grouped routing only/,
+  );
+  assert.throws(
+    () => runSteps(true, l1, x1, method, 513, 16, { bias }),
+    /numExperts must be an integer in 1\.\.512/,
+  );
+  using x2 = DeviceBuffer.alloc("bf16", [2, 128]);
+  using ids = DeviceBuffer.alloc("i32", [1, 8]);
+  using w = DeviceBuffer.alloc("f32", [1, 8]);
+  using sorted = DeviceBuffer.alloc("i32", [8 + 257 * 15]);
+  using eids = DeviceBuffer.alloc("i32", [258]);
+  using ntpp = DeviceBuffer.alloc("i32", [1]);
+  using q = DeviceBuffer.alloc("fp8_e4m3", [1, 128]);
+  using s = DeviceBuffer.alloc("f32", [1, 1]);
+  const bufs = {
+    topkIds: ids,
+    topkWeights: w,
+    sortedTokenIds: sorted,
+    expertIds: eids,
+    numTokensPostPadded: ntpp,
+    q,
+    scale: s,
+  };
+  assert.throws(
+    () => moePrologue(l1, x2, method, bufs, { numExperts: total, blockM: 16, bias }),
+    /hidden is bf16 \[2, 128\], logits has 1 rows/,
+  );
+  moePrologue(l1, x1, method, bufs, { numExperts: total, blockM: 16, bias }); // the same, fitting
+  unwrap(symbols().amoe_device_synchronize());
+});
+
+gpuTest("the prologue's native checks refuse what the wrapper would", () => {
+  const fn = symbols().amoe_moe_prologue;
+  assert.ok(fn !== null, "the library lacks amoe_moe_prologue: rebuild it");
+  using l = DeviceBuffer.alloc("f32", [1, 16]);
+  using ids = DeviceBuffer.alloc("i32", [1, 2]);
+  using w = DeviceBuffer.alloc("f32", [1, 2]);
+  using sorted = DeviceBuffer.alloc("i32", [64]);
+  using eids = DeviceBuffer.alloc("i32", [16]);
+  using ntpp = DeviceBuffer.alloc("i32", [1]);
+  using x = DeviceBuffer.alloc("bf16", [1, 128]);
+  using q = DeviceBuffer.alloc("fp8_e4m3", [1, 128]);
+  using s = DeviceBuffer.alloc("f32", [1, 1]);
+  const call = (method: number, K: number, sortedLen: number, bias: Deno.PointerValue): number =>
+    fn!(
+      method,
+      l.pointer,
+      bias,
+      1,
+      16,
+      1,
+      1,
+      2,
+      1,
+      1,
+      -1,
+      0,
+      ids.pointer,
+      w.pointer,
+      16,
+      4,
+      sorted.pointer,
+      sortedLen,
+      eids.pointer,
+      16,
+      ntpp.pointer,
+      x.pointer,
+      K,
+      q.pointer,
+      s.pointer,
+      null,
+      null,
+    );
+  assert.throws(() => unwrap(call(2, 128, 64, null)), /method must be/);
+  assert.throws(() => unwrap(call(0, 128, 64, l.pointer)), /bias applies to grouped routing/);
+  assert.throws(() => unwrap(call(0, 100, 64, null)), /multiple of 128/);
+  assert.throws(() => unwrap(call(0, 128, 40, null)), /sorted_token_ids has 40 entries/);
+  unwrap(call(0, 128, 64, null));
+  unwrap(call(1, 128, 64, null));
+  unwrap(symbols().amoe_device_synchronize());
+});
+
+/** Logits with exact ties (rows from 3 values, rows all equal), rows of -0 with NaNs, and
+ * normal rows. */
+function prologueLogits(rng: Rng, M: number, E: number): Float32Array {
+  const out = new Float32Array(M * E);
+  for (let t = 0; t < M; t++) {
+    const kind = t % 5;
+    for (let e = 0; e < E; e++) {
+      out[t * E + e] = kind === 0
+        ? rng.int(3) - 1
+        : kind === 1
+        ? 0.25
+        : kind === 2
+        ? (e % 7 === 3 ? NaN : -0)
+        : 2 * rng.normal();
+    }
+  }
+  return out;
+}
+
+/** Normal logits with a few exact ties per row. */
+function randomLogitsRows(rng: Rng, M: number, E: number): Float32Array {
+  const out = new Float32Array(M * E);
+  for (let i = 0; i < out.length; i++) out[i] = i % 11 === 0 ? 0.5 : rng.normal();
+  return out;
+}
+
+function randomRows(rng: Rng, n: number): Float32Array {
+  const out = new Float32Array(n);
+  for (let i = 0; i < n; i++) out[i] = rng.normal();
+  return out;
+}

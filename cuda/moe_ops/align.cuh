@@ -17,9 +17,14 @@
 // atomics, keeping the order. Pass 1 counts per (segment, expert); a scan over segments and
 // experts gives every (segment, expert) its first position; pass 2 walks the segments again
 // and writes each slot there.
-//   - up to kAlignSmallMaxSlots slots: one block of 16 warps does all of it (one launch);
+//   - up to kAlignSmallMaxSlots slots: one block of 16 warps does all of it (one launch;
+//     align_small_block, which the single-launch prologue (moe_ops/prologue.cuh) calls too,
+//     after routing in the same block). Segments are whole warps' worth of slots, so a small
+//     batch uses as few warps as it needs (one for up to 32 slots) and the per-expert prefix
+//     walks only those;
 //   - more: three launches (count, scan, scatter) over at most kAlignMaxSegments segments,
 //     with the per-segment counts in a caller-provided workspace.
+// The kernels are in align.cu (headers hold device functions only).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -70,13 +75,16 @@ __host__ __device__ inline void align_segments(int num_slots, int* segment, int*
 
 __device__ __forceinline__ bool valid_expert(int e, int E) { return e >= 0 && e < E; }
 
+// The ids are read with ld.global.cg (coherent, L2), never through the read-only path: in the
+// prologue they were written by the same launch.
+//
 // Adds the number of valid ids in [begin, end) per expert into cnt[E] (shared memory, owned
 // by this warp).
 __device__ __forceinline__ void warp_count(const int32_t* ids, int begin, int end, int E,
                                            int* cnt, int lane) {
   for (int base = begin; base < end; base += kWarp) {
     const int i = base + lane;
-    const int e = i < end ? __ldg(ids + i) : -1;
+    const int e = i < end ? __ldcg(ids + i) : -1;
     const bool valid = valid_expert(e, E);
     const unsigned peers = __match_any_sync(kFullMask, valid ? e : -1);
     if (valid && lane == 31 - __clz(peers)) cnt[e] += __popc(peers);
@@ -91,7 +99,7 @@ __device__ __forceinline__ void warp_scatter(const int32_t* ids, int begin, int 
   const unsigned lower = lanemask_lt();
   for (int base = begin; base < end; base += kWarp) {
     const int i = base + lane;
-    const int e = i < end ? __ldg(ids + i) : -1;
+    const int e = i < end ? __ldcg(ids + i) : -1;
     const bool valid = valid_expert(e, E);
     const unsigned peers = __match_any_sync(kFullMask, valid ? e : -1);
     if (valid) sorted[run[e] + __popc(peers & lower)] = i;
@@ -143,25 +151,29 @@ __host__ __device__ inline int align_small_smem_bytes(int E) {
   return static_cast<int>(sizeof(int)) * (kAlignSmallWarps * E + E + 1 + kWarp + 1);
 }
 
-__global__ void __launch_bounds__(kAlignSmallThreads) align_small_kernel(const AlignParams p) {
-  extern __shared__ int smem[];
-  int* cnt = smem;
+// The whole layout by one block of kAlignSmallThreads threads; every thread of the block must
+// call it (it contains __syncthreads). `smem`: align_small_smem_bytes(E) bytes.
+__device__ __forceinline__ void align_small_block(const AlignParams& p, int* smem) {
+  int* cnt = smem;  // [warps][E]: per-warp counts, then each warp's first position per expert
   int* start = cnt + kAlignSmallWarps * p.E;
   int* scratch = start + p.E + 1;
   const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp;
-  for (int i = tid; i < kAlignSmallWarps * p.E; i += blockDim.x) cnt[i] = 0;
+  // Segments of whole warps' worth of slots, as few warps as that takes (0 with no slots).
+  const int segment =
+      round_up_to(max((p.num_slots + kAlignSmallWarps - 1) / kAlignSmallWarps, 1), kWarp);
+  const int warps = (p.num_slots + segment - 1) / segment;
+  for (int i = tid; i < warps * p.E; i += blockDim.x) cnt[i] = 0;
   __syncthreads();
 
-  const int segment = (p.num_slots + kAlignSmallWarps - 1) / kAlignSmallWarps;
   const int begin = min(warp * segment, p.num_slots);
   const int end = min(begin + segment, p.num_slots);
   int* my = cnt + warp * p.E;
-  warp_count(p.topk_ids, begin, end, p.E, my, lane);
+  if (warp < warps) warp_count(p.topk_ids, begin, end, p.E, my, lane);
   __syncthreads();
 
   int total = 0;
   if (tid < p.E) {
-    for (int w = 0; w < kAlignSmallWarps; ++w) {
+    for (int w = 0; w < warps; ++w) {
       const int c = cnt[w * p.E + tid];
       cnt[w * p.E + tid] = total;  // this warp's first rank within the expert
       total += c;
@@ -172,7 +184,7 @@ __global__ void __launch_bounds__(kAlignSmallThreads) align_small_kernel(const A
   const int first = block_exclusive_scan(padded, scratch, &ntpp);
   if (tid < p.E) {
     start[tid] = first;
-    for (int w = 0; w < kAlignSmallWarps; ++w) cnt[w * p.E + tid] += first;
+    for (int w = 0; w < warps; ++w) cnt[w * p.E + tid] += first;
     pad_run(p, first, total, padded);
   }
   if (tid == 0) {
@@ -182,85 +194,7 @@ __global__ void __launch_bounds__(kAlignSmallThreads) align_small_kernel(const A
   __syncthreads();
   fill_expert_ids(start, p, tid, blockDim.x);
   fill_tail(p, ntpp, tid, blockDim.x);
-  warp_scatter(p.topk_ids, begin, end, p.E, my, p.sorted, lane);
-}
-
-// ---- large path: count, scan, scatter ----
-
-// One warp per segment: counts[g][e] = valid ids of segment g routed to e.
-__global__ void __launch_bounds__(kAlignWarpsPerBlock * kWarp) align_count_kernel(const AlignParams p) {
-  extern __shared__ int smem[];
-  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  const int g = blockIdx.x * kAlignWarpsPerBlock + warp;
-  if (g >= p.segments) return;
-  int* my = smem + warp * p.E;
-  for (int e = lane; e < p.E; e += kWarp) my[e] = 0;
-  __syncwarp();
-  const int begin = g * p.segment;
-  const int end = min(begin + p.segment, p.num_slots);
-  warp_count(p.topk_ids, begin, end, p.E, my, lane);
-  int32_t* row = p.counts + static_cast<size_t>(g) * p.E;
-  for (int e = lane; e < p.E; e += kWarp) row[e] = my[e];
-}
-
-// One block, one thread per expert: counts become exclusive prefixes over segments, then the
-// experts' padded runs are laid out (starts, num_tokens_post_padded, the pads inside runs).
-__global__ void __launch_bounds__(kAlignScanThreads) align_scan_kernel(const AlignParams p) {
-  __shared__ int scratch[kWarp + 1];
-  const int e = threadIdx.x;
-  int total = 0;
-  if (e < p.E) {
-    constexpr int kChunk = 8;  // loads first, then the dependent sums: keeps 8 loads in flight
-    int g = 0;
-    for (; g + kChunk <= p.segments; g += kChunk) {
-      int c[kChunk];
-#pragma unroll
-      for (int j = 0; j < kChunk; ++j) c[j] = p.counts[static_cast<size_t>(g + j) * p.E + e];
-#pragma unroll
-      for (int j = 0; j < kChunk; ++j) {
-        p.counts[static_cast<size_t>(g + j) * p.E + e] = total;
-        total += c[j];
-      }
-    }
-    for (; g < p.segments; ++g) {
-      const int c = p.counts[static_cast<size_t>(g) * p.E + e];
-      p.counts[static_cast<size_t>(g) * p.E + e] = total;
-      total += c;
-    }
-  }
-  const int padded = e < p.E ? round_up_to(total, p.block_m) : 0;
-  int ntpp = 0;
-  const int first = block_exclusive_scan(padded, scratch, &ntpp);
-  if (e < p.E) {
-    p.starts[e] = first;
-    pad_run(p, first, total, padded);
-  }
-  if (e == 0) {
-    p.starts[p.E] = ntpp;
-    *p.ntpp = ntpp;
-  }
-}
-
-// One warp per segment scatters its slots; all blocks together fill expert_ids and the tail.
-__global__ void __launch_bounds__(kAlignWarpsPerBlock * kWarp) align_scatter_kernel(const AlignParams p) {
-  extern __shared__ int smem[];
-  int* start = smem;               // [E + 1]
-  int* run = smem + p.E + 1;       // [warps][E]
-  const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp;
-  for (int e = tid; e <= p.E; e += blockDim.x) start[e] = p.starts[e];
-  __syncthreads();
-  const int ntpp = start[p.E];
-  fill_expert_ids(start, p, blockIdx.x * blockDim.x + tid, gridDim.x * blockDim.x);
-  fill_tail(p, ntpp, blockIdx.x * blockDim.x + tid, gridDim.x * blockDim.x);
-  const int g = blockIdx.x * kAlignWarpsPerBlock + warp;
-  if (g >= p.segments) return;
-  int* my = run + warp * p.E;
-  const int32_t* row = p.counts + static_cast<size_t>(g) * p.E;
-  for (int e = lane; e < p.E; e += kWarp) my[e] = start[e] + row[e];
-  __syncwarp();
-  const int begin = g * p.segment;
-  const int end = min(begin + p.segment, p.num_slots);
-  warp_scatter(p.topk_ids, begin, end, p.E, my, p.sorted, lane);
+  if (warp < warps) warp_scatter(p.topk_ids, begin, end, p.E, my, p.sorted, lane);
 }
 
 }  // namespace ops

@@ -10,6 +10,10 @@
 // which is what src/reference.ts quantizePerTokenGroup computes, bit for bit.
 // With `zero_out` (bf16 [M, K], the fused kernel's output) each lane also writes zeros over the
 // same 4 elements of it: the layer's "zero the output" step rides along, saving a launch.
+//
+// quant_group is the device code; the kernel that runs it is in quant.cu, and the prologue
+// (moe_ops/prologue.cuh) runs it too. Headers hold device functions only: a __global__ defined
+// here would be defined again in every translation unit that includes it.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -32,13 +36,11 @@ __device__ __forceinline__ uint32_t fp8_code(float v) {
   return static_cast<uint32_t>(__nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3));
 }
 
-__global__ void __launch_bounds__(kQuantWarpsPerBlock * kWarp)
-    quant_fp8_group_kernel(const __nv_bfloat16* __restrict__ x, int64_t groups,
-                           uint8_t* __restrict__ q, float* __restrict__ scale,
-                           __nv_bfloat16* __restrict__ zero_out) {
-  const int lane = threadIdx.x % kWarp;
-  const int64_t g = static_cast<int64_t>(blockIdx.x) * kQuantWarpsPerBlock + threadIdx.x / kWarp;
-  if (g >= groups) return;
+// Quantises group g of x (one warp; lane holds 4 values) and zeroes the same elements of
+// zero_out when it is not null. Used by quant_fp8_group_kernel and the prologue.
+__device__ __forceinline__ void quant_group(const __nv_bfloat16* __restrict__ x, int64_t g,
+                                            uint8_t* __restrict__ q, float* __restrict__ scale,
+                                            __nv_bfloat16* __restrict__ zero_out, int lane) {
   const int64_t base = g * kQuantGroup + lane * 4;
   const uint2 raw = __ldg(reinterpret_cast<const uint2*>(x + base));
   if (zero_out != nullptr) *reinterpret_cast<uint2*>(zero_out + base) = make_uint2(0, 0);

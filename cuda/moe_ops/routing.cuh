@@ -1,16 +1,27 @@
-// routing.cuh: top-k routing kernels, one warp per token.
+// routing.cuh: top-k routing, one warp per token: the per-token device functions
+// (route_softmax_token, route_grouped_token), shared by the routing kernels (routing.cu) and by
+// the single-launch prologue (moe_ops/prologue.cuh).
 //
-// Both kernels hold a token's E scores in registers, expert e in lane e % 32 at slot e / 32
-// (VPL = slots per lane, a power of two with 32 * VPL >= E), and pick experts in top_k
-// rounds of a warp-wide arg-max (moe_ops/warp.cuh `better`: larger value first, the lower
-// expert index on ties). The chosen ids come out in order of choice.
+// A token's E values live in registers, expert e in lane e % 32 at slot e / 32 (VPL = slots
+// per lane, a power of two with 32 * VPL >= E), as order keys (moe_ops/warp.cuh order_key).
+// The experts are picked in top_k rounds of a warp-wide arg-max: each lane's best key by a
+// tree over its slots, then two single-instruction warp reductions, the largest key
+// (__reduce_max_sync) and the lowest expert index holding it (__reduce_min_sync). That is the
+// order of moe_ops/warp.cuh `better` (larger value first, the lower expert index on ties),
+// which the CPU references (src/routing.ts) use too. The chosen ids come out in order of choice.
+// A round is a short dependent chain (two reductions instead of a five-step butterfly of
+// shuffles); the weights are computed afterwards, lane k for the k-th pick, all at once (the
+// softmax's double exp and division leave the rounds). Grouped routing keeps its groups with a
+// rank per group (one shuffle per group, in flight together) instead of topk_group rounds.
+// For one token everything is one warp's work: at M = 1 the latency is the logits' load, the
+// lane's sigmoids, a group scan of E / n_group values and top_k short rounds.
 //
 // Bit-exactness with the CPU references (src/routing.ts): the transcendental parts are
 // computed in double precision and rounded once to float (sigmoid, exp of the softmax), so the
 // float results agree with the references' Math.exp-based ones except when a double lands
 // within a few ulps of a float rounding boundary; everything else is float arithmetic in a
 // fixed order that the references reproduce (sums of the chosen weights in order of choice).
-// NaN logits count as -inf for the choice.
+// NaN logits (and NaN group scores) count as -inf for the choice.
 //
 // Output row of a token: `width` = top_k (+ 1 when shared_expert_id >= 0) ids and weights;
 // the shared slot is last, with weight `shared_weight` (routed weights are multiplied by
@@ -28,6 +39,7 @@ namespace ops {
 
 constexpr int kRoutingWarpsPerBlock = 4;
 constexpr int kMaxRoutingExperts = 512;  // 16 slots per lane
+constexpr int kMaxRoutingSlotsPerLane = kMaxRoutingExperts / kWarp;
 constexpr int kMaxTopK = 32;
 constexpr int kMaxGroups = 32;
 
@@ -44,6 +56,16 @@ struct RoutingParams {
   float* topk_weights;   // [M, width]
 };
 
+// The slots per lane for E experts: the smallest power of two with 32 * VPL >= E.
+__host__ __device__ inline int routing_slots_per_lane(int E) {
+  int vpl = 1;
+  while (vpl * kWarp < E) vpl *= 2;
+  return vpl;
+}
+
+// Shared memory a grouped-routing warp needs (a row of VPL * 32 words); softmax needs none.
+__host__ __device__ inline int routing_grouped_smem_words(int vpl) { return vpl * kWarp; }
+
 __device__ __forceinline__ float choice_value(float v) { return isnan(v) ? -INFINITY : v; }
 
 // sigmoid in double, rounded once to float (the CPU reference does the same with Math.exp).
@@ -51,16 +73,53 @@ __device__ __forceinline__ float sigmoid_rounded(float x) {
   return static_cast<float>(1.0 / (1.0 + exp(-static_cast<double>(x))));
 }
 
-// Writes lane k's pick (k < top_k), after the optional renormalisation, and the shared slot.
-__device__ __forceinline__ void write_row(const RoutingParams& p, int token, int lane, int my_id,
-                                          float my_weight, float chosen_sum) {
+// Picks top_k experts from the lane's keys (slot s: expert lane + 32 s; kNoKey: not a
+// candidate), in order; lane k (< top_k) gets the k-th pick's expert and key. Returns the number
+// of picks (top_k; fewer only when the candidates run out, which the entry points rule out).
+// The picks are kept in a bit mask (an array written at a computed slot would live in local
+// memory).
+template <int VPL>
+__device__ __forceinline__ int warp_top_k(const uint32_t (&key)[VPL], int top_k, int lane,
+                                          int* my_id, uint32_t* my_key) {
+  uint32_t taken = 0;  // bit s: slot s picked
+  int picks = 0;
+  for (; picks < top_k; ++picks) {
+    uint32_t left[VPL];
+#pragma unroll
+    for (int s = 0; s < VPL; ++s) left[s] = (taken >> s) & 1u ? kNoKey : key[s];
+    uint32_t best;
+    int slot;
+    lane_max_key(left, &best, &slot);
+    const uint32_t top = __reduce_max_sync(kFullMask, best);
+    if (top == kNoKey) break;
+    const int mine = best == top ? lane + slot * kWarp : INT32_MAX;
+    const int id = __reduce_min_sync(kFullMask, mine);
+    if (lane == picks) {
+      *my_id = id;
+      *my_key = top;
+    }
+    if ((id & (kWarp - 1)) == lane) taken |= 1u << (id / kWarp);
+  }
+  return picks;
+}
+
+// The sum of lane 0..count-1's `v`, added in lane order (the order of choice), on every lane.
+__device__ __forceinline__ float sum_in_lane_order(float v, int count) {
+  float sum = 0.0f;
+  for (int k = 0; k < count; ++k) sum += __shfl_sync(kFullMask, v, k);
+  return sum;
+}
+
+// Writes lane k's pick (k < picks), after the optional renormalisation, and the shared slot.
+__device__ __forceinline__ void write_row(const RoutingParams& p, int token, int lane, int picks,
+                                          int my_id, float my_weight, float chosen_sum) {
   const int width = p.top_k + (p.shared_expert_id >= 0 ? 1 : 0);
   const size_t row = static_cast<size_t>(token) * width;
   if (lane < p.top_k) {
     float w = p.renormalize ? my_weight / chosen_sum : my_weight;
     w = w * p.weight_scale;
-    p.topk_ids[row + lane] = my_id;
-    p.topk_weights[row + lane] = w;
+    p.topk_ids[row + lane] = lane < picks ? my_id : 0;
+    p.topk_weights[row + lane] = lane < picks ? w : 0.0f;
   }
   if (p.shared_expert_id >= 0 && lane == 0) {
     p.topk_ids[row + p.top_k] = p.shared_expert_id;
@@ -68,83 +127,53 @@ __device__ __forceinline__ void write_row(const RoutingParams& p, int token, int
   }
 }
 
-// Softmax top-k (Mixtral / Qwen style): choose by logit, weight = softmax probability over all
-// E experts, optionally renormalised over the chosen ones.
+// Softmax top-k (Mixtral / Qwen style) of one token, by one warp: choose by logit, weight =
+// softmax probability over all E experts, optionally renormalised over the chosen ones.
 template <int VPL>
-__global__ void __launch_bounds__(kRoutingWarpsPerBlock * kWarp)
-    topk_softmax_kernel(const RoutingParams p) {
-  const int lane = threadIdx.x % kWarp;
-  const int token = blockIdx.x * kRoutingWarpsPerBlock + threadIdx.x / kWarp;
-  if (token >= p.M) return;
+__device__ __forceinline__ void route_softmax_token(const RoutingParams& p, int token, int lane) {
   const float* row = p.logits + static_cast<size_t>(token) * p.E;
-
-  float v[VPL];
-  uint32_t taken = 0;  // bit s: slot s is chosen already or holds no expert
+  float x[VPL];
 #pragma unroll
   for (int s = 0; s < VPL; ++s) {
-    const int e = lane + s * kWarp;
-    const float x = __ldg(row + min(e, p.E - 1));  // unconditional: every load in flight
-    if (e < p.E) {
-      v[s] = choice_value(x);
-    } else {
-      v[s] = -INFINITY;
-      taken |= 1u << s;
-    }
+    x[s] = __ldg(row + min(lane + s * kWarp, p.E - 1));  // unconditional: every load in flight
   }
-  float m = -INFINITY;
+  uint32_t key[VPL];
+  uint32_t lane_max = kNoKey;
 #pragma unroll
-  for (int s = 0; s < VPL; ++s) m = fmaxf(m, v[s]);
-  m = warp_max(m);
+  for (int s = 0; s < VPL; ++s) {
+    key[s] = lane + s * kWarp < p.E ? order_key(choice_value(x[s])) : kNoKey;
+    lane_max = max(lane_max, key[s]);
+  }
+  const float m = key_value(__reduce_max_sync(kFullMask, lane_max));
   double sum = 0.0;
 #pragma unroll
   for (int s = 0; s < VPL; ++s) {
-    if (!((taken >> s) & 1u)) sum += exp(static_cast<double>(v[s] - m));
+    if (key[s] != kNoKey) sum += exp(static_cast<double>(choice_value(x[s]) - m));
   }
   sum = warp_sum(sum);
 
   int my_id = 0;
-  float my_weight = 0.0f, chosen_sum = 0.0f;
-  for (int k = 0; k < p.top_k; ++k) {
-    Candidate c{-INFINITY, INT32_MAX};
-#pragma unroll
-    for (int s = 0; s < VPL; ++s) {
-      const int e = lane + s * kWarp;
-      if (!((taken >> s) & 1u) && better(v[s], e, c.value, c.index)) c = Candidate{v[s], e};
-    }
-    c = warp_best(c);
-    if (c.index >= p.E) break;  // no candidate left (the entry point rules this out)
-    if ((c.index & (kWarp - 1)) == lane) taken |= 1u << (c.index / kWarp);
-    const float prob = static_cast<float>(exp(static_cast<double>(c.value - m)) / sum);
-    chosen_sum += prob;  // warp-uniform, in order of choice
-    if (lane == k) {
-      my_id = c.index;
-      my_weight = prob;
-    }
+  uint32_t my_key = kNoKey;
+  const int picks = warp_top_k(key, p.top_k, lane, &my_id, &my_key);
+  float prob = 0.0f;
+  if (lane < picks) {
+    prob = static_cast<float>(exp(static_cast<double>(key_value(my_key) - m)) / sum);
   }
-  write_row(p, token, lane, my_id, my_weight, chosen_sum);
+  const float chosen_sum = sum_in_lane_order(prob, picks);
+  write_row(p, token, lane, picks, my_id, prob, chosen_sum);
 }
 
-// DeepSeek-V3 routing: sigmoid scores, + bias for the choice only, groups of E / n_group
-// experts scored by the sum of their two best choice values (the best one alone for groups of
-// one), the topk_group best groups kept, top_k experts chosen among them; weights are the
-// chosen experts' sigmoid scores (without bias), optionally normalised to sum 1.
+// DeepSeek-V3 routing of one token, by one warp: sigmoid scores, + bias for the choice only,
+// groups of E / n_group experts scored by the sum of their two best choice values (the best
+// one alone for groups of one), the topk_group best groups kept, top_k experts chosen among
+// them; weights are the chosen experts' sigmoid scores (without bias), optionally normalised to
+// sum 1. `row_smem`: routing_grouped_smem_words(VPL) words of shared memory for this warp.
 template <int VPL>
-__global__ void __launch_bounds__(kRoutingWarpsPerBlock * kWarp)
-    topk_grouped_sigmoid_kernel(const RoutingParams p) {
-  __shared__ float choice_smem[kRoutingWarpsPerBlock][VPL * kWarp];
-  __shared__ float score_smem[kRoutingWarpsPerBlock][VPL * kWarp];
-  const int lane = threadIdx.x % kWarp;
-  const int warp = threadIdx.x / kWarp;
-  const int token = blockIdx.x * kRoutingWarpsPerBlock + warp;
-  if (token >= p.M) return;
+__device__ __forceinline__ void route_grouped_token(const RoutingParams& p, int token, int lane,
+                                                    uint32_t* row_smem) {
   const float* row = p.logits + static_cast<size_t>(token) * p.E;
-  float* choice_row = choice_smem[warp];
-  float* score_row = score_smem[warp];
-  const int group_size = p.E / p.n_group;
-
   // Loads first, all in flight: unconditional (a clamped index; the bias read from the row
-  // itself and dropped when there is none), unrolled, then staged in shared memory. A load per
-  // iteration of the loop below would wait for memory once per slot.
+  // itself and dropped when there is none), unrolled.
   const float* bias = p.bias != nullptr ? p.bias : row;
   float logit[VPL], b[VPL];
 #pragma unroll
@@ -153,87 +182,75 @@ __global__ void __launch_bounds__(kRoutingWarpsPerBlock * kWarp)
     logit[s] = __ldg(row + e);
     b[s] = __ldg(bias + e);
   }
+  // The scores: straight-line code over every slot (those past E hold a copy of the last
+  // expert and are dropped), so that the lane's double-precision sigmoids overlap.
+  float score[VPL];
+  uint32_t key[VPL];
 #pragma unroll
   for (int s = 0; s < VPL; ++s) {
-    const int e = lane + s * kWarp;
-    if (e < p.E) {
-      score_row[e] = logit[s];
-      choice_row[e] = p.bias != nullptr ? b[s] : 0.0f;
-    }
-  }
-  // Then the scores (not unrolled: the double-precision exp is large). Each lane touches only
-  // its own experts here.
-  for (int e = lane; e < p.E; e += kWarp) {
-    const float score = sigmoid_rounded(score_row[e]);
-    choice_row[e] = choice_value(__fadd_rn(score, choice_row[e]));
-    score_row[e] = score;
-  }
-  __syncwarp();
-  float c[VPL];
-  uint32_t taken = 0;
-#pragma unroll
-  for (int s = 0; s < VPL; ++s) {
-    const int e = lane + s * kWarp;
-    if (e < p.E) {
-      c[s] = choice_row[e];
-    } else {
-      c[s] = -INFINITY;
-      taken |= 1u << s;
-    }
-  }
-  __syncwarp();
-
-  // Group scores: lane g scores group g.
-  Candidate g{-INFINITY, INT32_MAX};
-  if (lane < p.n_group) {
-    float t1 = -INFINITY, t2 = -INFINITY;
-    const float* gp = choice_row + lane * group_size;
-    for (int j = 0; j < group_size; ++j) {
-      const float x = gp[j];
-      if (x > t1) {
-        t2 = t1;
-        t1 = x;
-      } else if (x > t2) {
-        t2 = x;
-      }
-    }
-    g = Candidate{group_size >= 2 ? __fadd_rn(t1, t2) : t1, lane};
-  }
-  uint32_t groups = 0;  // bit g: group g is kept (warp-uniform)
-  for (int k = 0; k < p.topk_group; ++k) {
-    const Candidate best = warp_best(g);
-    if (best.index >= p.n_group) break;
-    groups |= 1u << best.index;
-    if (lane == best.index) g = Candidate{-INFINITY, INT32_MAX};
-  }
-#pragma unroll
-  for (int s = 0; s < VPL; ++s) {
-    const int e = lane + s * kWarp;
-    if (e < p.E && !((groups >> (e / group_size)) & 1u)) taken |= 1u << s;
+    score[s] = sigmoid_rounded(logit[s]);
+    const float choice = choice_value(__fadd_rn(score[s], p.bias != nullptr ? b[s] : 0.0f));
+    key[s] = lane + s * kWarp < p.E ? order_key(choice) : kNoKey;
   }
 
-  int my_id = 0;
-  float my_weight = 0.0f, chosen_sum = 0.0f;
-  for (int k = 0; k < p.top_k; ++k) {
-    Candidate best{-INFINITY, INT32_MAX};
+  // Group selection (nothing to do when every group is kept).
+  if (p.topk_group < p.n_group) {
+    const int group_size = p.E / p.n_group;
 #pragma unroll
     for (int s = 0; s < VPL; ++s) {
       const int e = lane + s * kWarp;
-      if (!((taken >> s) & 1u) && better(c[s], e, best.value, best.index)) {
-        best = Candidate{c[s], e};
+      if (e < p.E) row_smem[e] = key[s];
+    }
+    __syncwarp();
+    // Lane g scores group g: its two largest choice values (with multiplicity). The lane
+    // starts at its own offset in the group, so that the lanes read different banks; the
+    // order does not change the two values (zeros' signs aside, which compare equal).
+    float gscore = -INFINITY;
+    if (lane < p.n_group) {
+      const uint32_t* gp = row_smem + lane * group_size;
+      uint32_t t1 = kNoKey, t2 = kNoKey;
+      int j = lane % group_size;
+#pragma unroll 4
+      for (int i = 0; i < group_size; ++i) {
+        const uint32_t v = gp[j];
+        t2 = max(t2, min(t1, v));
+        t1 = max(t1, v);
+        j = j + 1 == group_size ? 0 : j + 1;
       }
+      gscore = group_size >= 2 ? choice_value(__fadd_rn(key_value(t1), key_value(t2)))
+                               : key_value(t1);
     }
-    best = warp_best(best);
-    if (best.index >= p.E) break;  // no candidate left (the entry point rules this out)
-    if ((best.index & (kWarp - 1)) == lane) taken |= 1u << (best.index / kWarp);
-    const float score = score_row[best.index];
-    chosen_sum += score;
-    if (lane == k) {
-      my_id = best.index;
-      my_weight = score;
+    // A group is kept when fewer than topk_group groups beat it (`better`: ties to the lower
+    // group), i.e. it is among those topk_group rounds of arg-max would pick.
+    int rank = 0;
+    for (int g = 0; g < p.n_group; ++g) {
+      const float other = __shfl_sync(kFullMask, gscore, g);
+      rank += better(other, g, gscore, lane) ? 1 : 0;
     }
+    const uint32_t kept = __ballot_sync(kFullMask, lane < p.n_group && rank < p.topk_group);
+#pragma unroll
+    for (int s = 0; s < VPL; ++s) {
+      const int e = lane + s * kWarp;
+      if (e < p.E && !((kept >> (e / group_size)) & 1u)) key[s] = kNoKey;
+    }
+    __syncwarp();  // every lane has read its group before the row is overwritten
   }
-  write_row(p, token, lane, my_id, my_weight, chosen_sum);
+  // The scores, for the weights of the picks.
+  float* score_row = reinterpret_cast<float*>(row_smem);
+#pragma unroll
+  for (int s = 0; s < VPL; ++s) {
+    const int e = lane + s * kWarp;
+    if (e < p.E) score_row[e] = score[s];
+  }
+  __syncwarp();
+
+  int my_id = 0;
+  uint32_t my_key = kNoKey;
+  const int picks = warp_top_k(key, p.top_k, lane, &my_id, &my_key);
+  const float weight = lane < picks ? score_row[my_id] : 0.0f;
+  const float chosen_sum = sum_in_lane_order(weight, picks);
+  write_row(p, token, lane, picks, my_id, weight, chosen_sum);
+  __syncwarp();  // the row may be reused by this warp's next token
 }
 
 }  // namespace ops

@@ -106,11 +106,12 @@ __device__ __forceinline__ float key_value(uint32_t key) {
 }
 
 // The largest of a lane's N keys and its position, the lowest position among equal keys: a tree
-// of depth log2(N) over adjacent pairs (the left one of a pair always covers the lower
+// of depth log2(N) over adjacent ranges (the left range of a pair always holds the lower
 // positions, so "the right one only if strictly larger" keeps the lowest on ties).
 template <int N>
 __device__ __forceinline__ void lane_max_key(const uint32_t (&key)[N], uint32_t* best, int* pos) {
-  static_assert(N >= 1 && (N & (N - 1)) == 0, "N must be a power of two");
+  static_assert(N >= 1 && N <= 32 && (N & (N - 1)) == 0, "N must be a power of two");
+  constexpr int kLevels = N >= 32 ? 5 : N >= 16 ? 4 : N >= 8 ? 3 : N >= 4 ? 2 : N >= 2 ? 1 : 0;
   uint32_t k[N];
   int s[N];
 #pragma unroll
@@ -119,12 +120,13 @@ __device__ __forceinline__ void lane_max_key(const uint32_t (&key)[N], uint32_t*
     s[i] = i;
   }
 #pragma unroll
-  for (int width = N / 2; width >= 1; width /= 2) {
+  for (int level = 0; level < kLevels; ++level) {
+    const int stride = 1 << level;
 #pragma unroll
-    for (int i = 0; i < width; ++i) {
-      const bool right = k[2 * i + 1] > k[2 * i];
-      s[i] = right ? s[2 * i + 1] : s[2 * i];
-      k[i] = right ? k[2 * i + 1] : k[2 * i];
+    for (int i = 0; i < N; i += 2 * stride) {
+      const bool right = k[i + stride] > k[i];
+      s[i] = right ? s[i + stride] : s[i];
+      k[i] = right ? k[i + stride] : k[i];
     }
   }
   *best = k[0];

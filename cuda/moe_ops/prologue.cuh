@@ -1,0 +1,95 @@
+// prologue.cuh: routing, moe_align_block_size and FP8 quantisation (with the output zeroed) in
+// one launch, for small batches, where every launch of the separate kernels costs more than
+// its work.
+//
+// Block 0 (16 warps) routes the tokens, a warp per token (warp w takes tokens w, w + 16, ...),
+// with the device functions of moe_ops/routing.cuh; after a __syncthreads it lays out the
+// slots it has just written with align_small_block (moe_ops/align.cuh), which reads them back
+// through L2 (coherent loads: never the read-only path for data written by the same launch).
+// Blocks 1.. quantise meanwhile, a warp per 128-value group (moe_ops/quant.cuh quant_group),
+// zeroing the output in the same pass: quantisation does not depend on routing. The results
+// are those of the separate kernels bit for bit, because they are the same functions.
+//
+// Latency at M = 1: one launch, and block 0's critical path is the logits' load, the token's
+// scores and top-k rounds, then the layout (a few barriers), while the quantising blocks run
+// on other SMs. Routing in one block costs about a token's latency per 16 tokens, so the
+// separate kernels (a block per 4 tokens) win from a few dozen tokens on; the entry takes up to
+// kPrologueMaxSlots slots either way.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "align.cuh"
+#include "quant.cuh"
+#include "routing.cuh"
+#include "warp.cuh"
+
+namespace amoe {
+namespace ops {
+
+constexpr int kPrologueWarps = kAlignSmallWarps;      // block 0 aligns: one thread per expert
+constexpr int kPrologueThreads = kAlignSmallThreads;  // every block: 16 warps
+constexpr int kPrologueMaxSlots = 4096;               // AMOE_PROLOGUE_MAX_SLOTS
+static_assert(kPrologueMaxSlots <= kAlignSmallMaxSlots, "the one-block alignment");
+
+struct PrologueParams {
+  RoutingParams route;
+  AlignParams align;  // align.topk_ids == route.topk_ids, num_slots = M * width
+  const __nv_bfloat16* x;
+  uint8_t* q;
+  float* scale;
+  __nv_bfloat16* zero_out;  // or null
+  int64_t groups;           // M * K / 128
+};
+
+// Dynamic shared memory of block 0: the routing warps' rows (grouped routing), then, reused,
+// the alignment's.
+__host__ __device__ inline int prologue_smem_bytes(bool grouped, int vpl, int align_experts) {
+  const int row_bytes = routing_grouped_smem_words(vpl) * static_cast<int>(sizeof(int));
+  const int routing = grouped ? kPrologueWarps * row_bytes : 0;
+  const int align = align_small_smem_bytes(align_experts);
+  return routing > align ? routing : align;
+}
+static_assert(kPrologueWarps * kMaxRoutingSlotsPerLane * kWarp * 4 <= 48 * 1024,
+              "routing rows within the default dynamic shared memory limit");
+static_assert((kAlignSmallWarps * kMaxAlignExperts + kMaxAlignExperts + 1 + kWarp + 1) * 4 <=
+                  48 * 1024,
+              "alignment within the default dynamic shared memory limit");
+
+template <int VPL, bool kGrouped>
+__global__ void __launch_bounds__(kPrologueThreads) moe_prologue_kernel(const PrologueParams p) {
+  extern __shared__ int smem[];
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
+  if (blockIdx.x > 0) {
+    const int64_t g = static_cast<int64_t>(blockIdx.x - 1) * kPrologueWarps + warp;
+    if (g < p.groups) quant_group(p.x, g, p.q, p.scale, p.zero_out, lane);
+    return;
+  }
+  if (p.route.M > kPrologueWarps) {
+    // More tokens than warps: the logits of the later rounds are fetched into L2 now, so that a
+    // warp's next token does not wait for DRAM again.
+    const char* logits = reinterpret_cast<const char*>(p.route.logits);
+    const size_t bytes = sizeof(float) * static_cast<size_t>(p.route.M) * p.route.E;
+    const size_t first = sizeof(float) * size_t{kPrologueWarps} * p.route.E / 128 * 128;
+    for (size_t off = first + threadIdx.x * size_t{128}; off < bytes;
+         off += size_t{kPrologueThreads} * 128) {
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(logits + off));
+    }
+  }
+  for (int token = warp; token < p.route.M; token += kPrologueWarps) {
+    if constexpr (kGrouped) {
+      uint32_t* row = reinterpret_cast<uint32_t*>(smem) + warp * routing_grouped_smem_words(VPL);
+      route_grouped_token<VPL>(p.route, token, lane, row);
+    } else {
+      route_softmax_token<VPL>(p.route, token, lane);
+    }
+  }
+  __syncthreads();  // every token routed (ids in global memory), the routing rows free
+  align_small_block(p.align, smem);
+}
+
+}  // namespace ops
+}  // namespace amoe

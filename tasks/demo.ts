@@ -16,7 +16,7 @@
  */
 import { relative } from "node:path";
 import { parseArgs } from "node:util";
-import { configFromEnv } from "../src/config.ts";
+import { bundledConfig, configFileName, configFromEnv } from "../src/config.ts";
 import { type DeviceInfo, probeHopperGpu } from "../src/device.ts";
 import { DeviceBuffer } from "../src/buffer.ts";
 import { decodeBf16, encodeBf16 } from "../src/codecs.ts";
@@ -286,9 +286,13 @@ async function runOnGpu(
   const config = layer.buffersFor(M).config;
   const c = `block_m=${config.blockM} block_n=${config.blockN} warp_n=${config.warpN} ` +
     `stages=${config.stages}`;
-  console.log(
-    `tokens: M=${M}; kernel config ${c} (${configFromEnv(M) ? "ALPHA_MOE_CONFIG" : "default"})`,
-  );
+  const shapeKey = { numExperts: layer.numExperts, N: layer.N, K };
+  const source = configFromEnv(M)
+    ? "ALPHA_MOE_CONFIG"
+    : bundledConfig(info, shapeKey, M)
+    ? `configs/${configFileName(info, layer.numExperts, layer.N, K)}`
+    : "built-in default";
+  console.log(`tokens: M=${M}; kernel config ${c} (${source})`);
 
   // The checked forward.
   const out = decodeBf16(layer.forward(h, l).download());

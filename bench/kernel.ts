@@ -25,15 +25,17 @@ const HELP = `Usage: deno task bench:kernel [options]
   --shapes LIST       comma-separated of ${Object.keys(SHAPES).join(", ")} (default ds,e512,ds2)
   --m LIST            token counts (default 1,8,32,128,512,2048,8192)
   --iterations N      timed launches per config (default 50)
+  --block-m LIST      block_m values of the grid (default 8,16,32,64,128)
+  --stages LIST       stages of the grid (default 2,3,4)
   --json FILE         write every measurement as JSON
   -h, --help`;
 
-function candidates(M: number): KernelConfig[] {
+function candidates(M: number, blockMs: number[], stageList: number[]): KernelConfig[] {
   const out: KernelConfig[] = [];
-  for (const blockM of [8, 16, 32, 64, 128]) {
+  for (const blockM of blockMs) {
     if (blockM > 8 * Math.max(1, M)) continue; // a block far larger than the tokens only pads
     for (const [blockN, warpN] of [[64, 4], [32, 8]]) {
-      for (const stages of [2, 3, 4]) out.push({ blockM, blockN, warpN, stages });
+      for (const stages of stageList) out.push({ blockM, blockN, warpN, stages });
     }
   }
   return out;
@@ -47,6 +49,8 @@ async function main(): Promise<number> {
       shapes: { type: "string", default: "ds,e512,ds2" },
       m: { type: "string", default: "1,8,32,128,512,2048,8192" },
       iterations: { type: "string", default: "50" },
+      "block-m": { type: "string", default: "8,16,32,64,128" },
+      stages: { type: "string", default: "2,3,4" },
       json: { type: "string" },
       help: { type: "boolean", short: "h", default: false },
     },
@@ -91,7 +95,12 @@ async function main(): Promise<number> {
         const floorBytes = memoryFloorBytes(dev, p.topkIds);
         const floorUs = floorBytes / bandwidth * 1e6;
         let best: { config: KernelConfig; us: number } | undefined;
-        for (const config of candidates(M)) {
+        const grid = candidates(
+          M,
+          values["block-m"].split(",").map(Number),
+          values.stages.split(",").map(Number),
+        );
+        for (const config of grid) {
           try {
             checkKernelConfig(s.K, s.N, config);
           } catch {

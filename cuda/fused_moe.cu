@@ -229,7 +229,9 @@ int amoe_fused_moe_w8a8_up_down(const void* x, const float* x_scale, const void*
                             w_scale, w2_scale, topk_weights,
                             static_cast<__nv_bfloat16*>(out), M, K, N, top_k, block_m, stages,
                             scaling_factor};
-  l.grid = dim3((sorted_len + block_m - 1) / block_m, N / kSliceRows, 1);
+  const int64_t ctas = int64_t((sorted_len + block_m - 1) / block_m) * (N / kSliceRows);
+  AMOE_REQUIRE(ctas <= INT32_MAX, "too many token blocks x N slices for one launch");
+  l.grid = dim3(unsigned(ctas), 1, 1);
   l.stream = static_cast<cudaStream_t>(stream);
   return variant->launch(l, smem);
 }

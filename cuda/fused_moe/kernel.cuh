@@ -1,10 +1,10 @@
 // kernel.cuh: the fused FP8 MoE kernel (up projection, SwiGLU, FP8 re-quantisation, down
 // projection, weighted bf16 accumulation) for one (token block, N slice) per CTA.
 //
-// Work split. blockIdx.x is a block of `block_m` sorted token slots that all go to one expert
-// (moe_align_block_size layout); blockIdx.y is a 256-row slice of the interleaved gate/up
-// weights, i.e. 128 gate + 128 up rows = one 128-wide requantisation group of the
-// intermediate. The token block is processed in sub-tiles of T tokens (T is the wgmma N
+// Work split. blockIdx.x / slices is a block of `block_m` sorted token slots that all go to
+// one expert (moe_align_block_size layout); blockIdx.x % slices is a 256-row slice of the
+// interleaved gate/up weights, i.e. 128 gate + 128 up rows = one 128-wide requantisation
+// group of the intermediate. The token block is processed in sub-tiles of T tokens (T is the wgmma N
 // dimension: tokens sit on the N side, weights on the 64-row M side, "swap AB").
 //
 // Warp roles. Warpgroup 0 is the producer: one warp streams every operand with TMA into a
@@ -433,7 +433,10 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
                      const __grid_constant__ CUtensorMap w_map,
                      const __grid_constant__ CUtensorMap w2_map, const FusedMoeParams p) {
   using L = SmemLayout<T, WGS>;
-  const int block = blockIdx.x;
+  // Slices of one token block are neighbours in launch order: they run at the same time, so
+  // their halves of each w2 row (N/2 > 128) are read from DRAM together.
+  const int slices = p.N / kSliceRows;
+  const int block = blockIdx.x / slices;
   if (block * p.block_m >= *p.num_tokens_post_padded) return;
   const int expert = p.expert_ids[block];
   if (expert < 0) return;  // expert not on this GPU: contributes nothing
@@ -468,7 +471,7 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
   __syncthreads();
 
   const BlockInfo info{expert,
-                       int(blockIdx.y),
+                       int(blockIdx.x) % slices,
                        p.K / kKBlock,
                        (p.K + kSliceRows - 1) / kSliceRows,
                        (p.block_m + T - 1) / T,

@@ -46,6 +46,7 @@ export {
   type AlphaMoeLibrary,
   CACHE_ENV,
   LIBRARY_ENV,
+  type LibraryAttempt,
   LibraryLoadError,
   openLibrary,
   type OpenLibraryOptions,
@@ -74,7 +75,7 @@ export {
   fp8e4m3Decode,
   fp8e4m3Encode,
 } from "./src/codecs.ts";
-export { deinterleaveGateUp, interleaveGateUp } from "./src/interleave.ts";
+export { deinterleaveGateUp, type InterleavableArray, interleaveGateUp } from "./src/interleave.ts";
 export {
   CONFIG_ENV_VAR,
   ConfigError,
@@ -96,7 +97,12 @@ export {
   quantizePerTokenGroup,
   relativeL2,
 } from "./src/reference.ts";
-export { makeRandomMoeProblem, type MoeProblem, type RandomMoeOptions } from "./src/random.ts";
+export {
+  makeRandomMoeProblem,
+  type MoeProblem,
+  type MoeWeights,
+  type RandomMoeOptions,
+} from "./src/random.ts";
 export {
   loadSafetensors,
   loadSafetensorsSync,
@@ -219,4 +225,12 @@ export {
   planExperts,
   type TensorEntry,
 } from "./src/checkpoint.ts";
-export type { SafetensorsDtype } from "./src/safetensors.ts";
+export type {
+  ReadSafetensorsOptions,
+  SafetensorsDtype,
+  SafetensorsTensor,
+  SafetensorsTensorInput,
+  TensorData,
+} from "./src/safetensors.ts";
+export { SYMBOLS, type Symbols } from "./ffi/symbols.ts";
+export type { FindNvccOptions } from "./ffi/build.ts";

@@ -131,6 +131,26 @@ export function validateFusedMoeArgs(
   return { M, K, N, numExperts: E, topK, sortedLen };
 }
 
+/**
+ * The device pointers of the kernel's eleven tensors, in the C ABI's argument order. Reading
+ * every pointer first turns a freed buffer into an error before anything is queued.
+ */
+export function kernelPointers(t: FusedMoeTensors<DeviceBuffer>): Deno.PointerValue[] {
+  return [
+    t.x,
+    t.xScale,
+    t.w,
+    t.wScale,
+    t.w2,
+    t.w2Scale,
+    t.sortedTokenIds,
+    t.expertIds,
+    t.numTokensPostPadded,
+    t.topkWeights,
+    t.out,
+  ].map((b) => b.pointer);
+}
+
 /** Options of {@link fusedMoeW8A8UpDown}. */
 export interface FusedMoeOptions {
   /** Experts per token. */
@@ -167,20 +187,7 @@ export function fusedMoeW8A8UpDown(
   const d = validateFusedMoeArgs(tensors, topK, config);
   const t = tensors;
   const stream = streamHandle(options.stream);
-  // Reading every pointer first turns a freed buffer into an error before anything is queued.
-  const ptrs = [
-    t.x,
-    t.xScale,
-    t.w,
-    t.wScale,
-    t.w2,
-    t.w2Scale,
-    t.sortedTokenIds,
-    t.expertIds,
-    t.numTokensPostPadded,
-    t.topkWeights,
-    t.out,
-  ].map((b) => b.pointer);
+  const ptrs = kernelPointers(t);
   if (!options.outIsZeroed) t.out.zero(options.stream);
   unwrap(
     symbols().amoe_fused_moe_w8a8_up_down(

@@ -10,7 +10,7 @@ import { InvalidArgumentError, UnsupportedError, unwrap } from "../ffi/errors.ts
 import { symbols } from "../ffi/library.ts";
 import type { DeviceBuffer } from "./buffer.ts";
 import { type Stream, streamHandle } from "./device.ts";
-import { type FusedMoeTensors, validateFusedMoeArgs } from "./fused_moe.ts";
+import { type FusedMoeTensors, kernelPointers, validateFusedMoeArgs } from "./fused_moe.ts";
 import type { DeviceMoeProblem } from "./problem.ts";
 
 /** Sizes that fix the workspace of {@link unfusedMoeW8A8}. */
@@ -87,20 +87,7 @@ export function unfusedMoeW8A8(
   }
   const t = tensors;
   const stream = streamHandle(options.stream);
-  const p = [
-    t.x,
-    t.xScale,
-    t.w,
-    t.wScale,
-    t.w2,
-    t.w2Scale,
-    t.sortedTokenIds,
-    t.expertIds,
-    t.numTokensPostPadded,
-    t.topkWeights,
-    t.out,
-    workspace,
-  ].map((b) => b.pointer);
+  const p = [...kernelPointers(t), workspace.pointer];
   unwrap(
     fn(
       p[0],

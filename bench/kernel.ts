@@ -13,6 +13,7 @@ import { checkKernelConfig } from "../src/fused_moe.ts";
 import { DeviceMoeProblem } from "../src/problem.ts";
 import { makeRandomMoeProblem, type MoeWeights } from "../src/random.ts";
 import { memoryFloorBytes, Timer } from "../src/timing.ts";
+import { configKey, tokensPerExpert, unitsOfWork, worthSplitting } from "../src/tune.ts";
 
 const SHAPES = {
   ds: { E: 257, N: 256, K: 7168, topK: 9 },
@@ -27,21 +28,34 @@ const HELP = `Usage: deno task bench:kernel [options]
   --iterations N      timed launches per config (default 50)
   --block-m LIST      block_m values of the grid (default 8,16,32,64,128)
   --stages LIST       stages of the grid (default 2,3,4)
+  --split LIST        splits of the grid (default 1,2,4,8,16; only those within two waves)
   --json FILE         write every measurement as JSON
   -h, --help`;
 
-function candidates(M: number, blockMs: number[], stageList: number[]): KernelConfig[] {
+function candidates(
+  M: number,
+  blockMs: number[],
+  stageList: number[],
+  splits: number[],
+  units: (blockM: number) => number,
+  smCount: number,
+): KernelConfig[] {
   const out: KernelConfig[] = [];
   for (const blockM of blockMs) {
     if (blockM > 8 * Math.max(1, M)) continue; // a block far larger than the tokens only pads
     for (const [blockN, warpN] of [[64, 4], [32, 8]]) {
-      for (const stages of stageList) out.push({ blockM, blockN, warpN, stages });
+      for (const stages of stageList) {
+        for (const split of splits) {
+          if (!worthSplitting(split, units(blockM), smCount)) continue;
+          out.push({ blockM, blockN, warpN, stages, ...(split > 1 ? { split } : {}) });
+        }
+      }
     }
   }
   return out;
 }
 
-const show = (c: KernelConfig): string => `${c.blockM}/${c.blockN}/${c.warpN}/${c.stages}`;
+const show = configKey;
 
 async function main(): Promise<number> {
   const { values } = parseArgs({
@@ -51,6 +65,7 @@ async function main(): Promise<number> {
       iterations: { type: "string", default: "50" },
       "block-m": { type: "string", default: "8,16,32,64,128" },
       stages: { type: "string", default: "2,3,4" },
+      split: { type: "string", default: "1,2,4,8,16" },
       json: { type: "string" },
       help: { type: "boolean", short: "h", default: false },
     },
@@ -65,7 +80,7 @@ async function main(): Promise<number> {
     return 1;
   }
   const iterations = Number(values.iterations);
-  const card = deviceInfo().name;
+  const { name: card, smCount } = deviceInfo();
   using timer = new Timer();
   const bandwidth = timer.copyBandwidth();
   console.log(
@@ -99,6 +114,9 @@ async function main(): Promise<number> {
           M,
           values["block-m"].split(",").map(Number),
           values.stages.split(",").map(Number),
+          values.split.split(",").map(Number),
+          (blockM) => unitsOfWork(tokensPerExpert(p.topkIds, s.E), blockM, s.N),
+          smCount,
         );
         for (const config of grid) {
           try {
@@ -132,7 +150,7 @@ async function main(): Promise<number> {
       JSON.stringify({ card, date: new Date().toISOString(), bandwidth, rows }, null, 1),
     );
   }
-  console.log(`\nbest config per point (block_m/block_n/warp_n/stages), ${card}:`);
+  console.log(`\nbest config per point (block_m/block_n/warp_n/stages[xsplit]), ${card}:`);
   for (const line of table) console.log(line);
   return 0;
 }

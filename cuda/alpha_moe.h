@@ -25,7 +25,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a signature or a status code changes. */
-#define AMOE_ABI_VERSION 1
+#define AMOE_ABI_VERSION 2
 
 typedef enum amoe_status {
   AMOE_OK = 0,
@@ -74,9 +74,12 @@ AMOE_API int amoe_graph_destroy(void* graph_exec);
 /* ---- the fused MoE layer ---- */
 
 /* Checks a kernel config without launching: AMOE_OK if the kernel can run it for
- * (N, K), AMOE_ERR_UNSUPPORTED with the valid values in the message otherwise. */
+ * (N, K), AMOE_ERR_UNSUPPORTED with the valid values in the message otherwise.
+ * `split` (1..16) is the number of CTAs, one cluster, that share each (token block, N slice)
+ * unit: the up projection's K and the down projection's output rows are divided among them
+ * (1 = one CTA per unit, the seed's kernel). */
 AMOE_API int amoe_fused_moe_check_config(int32_t K, int32_t N, int32_t block_m, int32_t block_n,
-                                         int32_t warp_n, int32_t stages);
+                                         int32_t warp_n, int32_t stages, int32_t split);
 
 /*
  * out[token] += topk_weight * scaling_factor * (requant(silu(gate) * up) @ w2[e]^T)
@@ -90,8 +93,8 @@ AMOE_API int amoe_fused_moe_w8a8_up_down(
     const float* w2_scale, const int32_t* sorted_token_ids, const int32_t* expert_ids,
     const int32_t* num_tokens_post_padded, const float* topk_weights, void* out, int32_t M,
     int32_t K, int32_t N, int32_t num_experts, int32_t top_k, int32_t sorted_len,
-    int32_t block_m, int32_t block_n, int32_t warp_n, int32_t stages, float scaling_factor,
-    void* stream);
+    int32_t block_m, int32_t block_n, int32_t warp_n, int32_t stages, int32_t split,
+    float scaling_factor, void* stream);
 
 /* ---- routing, alignment, quantisation ---- */
 /* The steps before the fused kernel. All asynchronous on `stream`; no allocation. Device

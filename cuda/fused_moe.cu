@@ -14,10 +14,11 @@ namespace amoe {
 namespace {
 
 constexpr int kMaxStages = 8;
+constexpr int kMaxSplit = 16;  // CTAs per cluster: the largest non-portable cluster on Hopper
 constexpr int kMaxDevices = 64;
 
 struct Config {
-  int block_m, block_n, warp_n, stages;
+  int block_m, block_n, warp_n, stages, split;
 };
 
 // The (block_n, warp_n) pairs of the seed's search space: both cover a 256-row slice.
@@ -28,7 +29,7 @@ int consumer_wgs_for(int block_n, int warp_n) {
 }
 
 // Largest sub-tile (tokens per wgmma) whose accumulators fit the consumer registers.
-int max_tokens(int wgs) { return wgs == 1 ? 40 : 64; }
+int max_tokens(int wgs) { return wgs == 1 ? 32 : 64; }
 
 const FusedMoeVariant* find_variant(int tokens, int wgs) {
   const FusedMoeVariant* table = wgs == 1 ? kVariantsWg1 : kVariantsWg2;
@@ -70,6 +71,10 @@ int resolve_config(const Config& c, const FusedMoeVariant** variant, int* smem) 
     return fail(AMOE_ERR_UNSUPPORTED, "stages %d is not supported: valid values are 1..%d",
                 c.stages, kMaxStages);
   }
+  if (c.split < 1 || c.split > kMaxSplit) {
+    return fail(AMOE_ERR_UNSUPPORTED, "split %d is not supported: valid values are 1..%d",
+                c.split, kMaxSplit);
+  }
   int optin = 0;
   AMOE_TRY(device_smem_optin(&optin));
   int smallest = 0;
@@ -80,15 +85,29 @@ int resolve_config(const Config& c, const FusedMoeVariant** variant, int* smem) 
       return fail(AMOE_ERR_UNSUPPORTED, "no compiled variant for %d tokens x %d warpgroups",
                   tokens, wgs);
     }
-    *smem = (*variant)->smem_bytes(c.stages, c.block_m);
+    *smem = (*variant)->smem_bytes(c.stages, c.block_m, c.split);
     if (*smem <= optin) return AMOE_OK;
     smallest = *smem;
     if (tokens == 8) break;
   }
   return fail(AMOE_ERR_UNSUPPORTED,
-              "config (block_m %d, block_n %d, warp_n %d, stages %d) needs at least %d bytes of "
-              "shared memory; this device allows %d per block: use fewer stages",
-              c.block_m, c.block_n, c.warp_n, c.stages, smallest, optin);
+              "config (block_m %d, block_n %d, warp_n %d, stages %d, split %d) needs at least %d "
+              "bytes of shared memory; this device allows %d per block: use fewer stages",
+              c.block_m, c.block_n, c.warp_n, c.stages, c.split, smallest, optin);
+}
+
+// A split config also needs the device to fit one cluster of `split` such CTAs.
+int check_clusters(const Config& c, const FusedMoeVariant* variant, int smem) {
+  if (c.split == 1) return AMOE_OK;
+  int clusters = 0;
+  AMOE_TRY(variant->max_clusters(smem, c.split, &clusters));
+  if (clusters == 0) {
+    return fail(AMOE_ERR_UNSUPPORTED,
+                "split %d: this device cannot run a cluster of %d CTAs of %d bytes of shared "
+                "memory each; use a smaller split",
+                c.split, c.split, smem);
+  }
+  return AMOE_OK;
 }
 
 // ---- TMA tensor maps, encoded through the driver entry point (no link against libcuda) ----
@@ -169,15 +188,16 @@ bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p
 extern "C" {
 
 int amoe_fused_moe_check_config(int32_t K, int32_t N, int32_t block_m, int32_t block_n,
-                                int32_t warp_n, int32_t stages) {
+                                int32_t warp_n, int32_t stages, int32_t split) {
   using namespace amoe;
   AMOE_REQUIRE(K > 0 && K % 128 == 0, "K must be a positive multiple of 128, got %d", K);
   AMOE_REQUIRE(N > 0 && N % 256 == 0, "N must be a positive multiple of 256, got %d", N);
-  const Config c{block_m, block_n, warp_n, stages};
+  const Config c{block_m, block_n, warp_n, stages, split};
   const FusedMoeVariant* variant = nullptr;
   int smem = 0;
   AMOE_TRY(select_device());
-  return resolve_config(c, &variant, &smem);
+  AMOE_TRY(resolve_config(c, &variant, &smem));
+  return check_clusters(c, variant, smem);
 }
 
 int amoe_fused_moe_w8a8_up_down(const void* x, const float* x_scale, const void* w,
@@ -186,8 +206,8 @@ int amoe_fused_moe_w8a8_up_down(const void* x, const float* x_scale, const void*
                                 const int32_t* num_tokens_post_padded, const float* topk_weights,
                                 void* out, int32_t M, int32_t K, int32_t N, int32_t num_experts,
                                 int32_t top_k, int32_t sorted_len, int32_t block_m, int32_t block_n,
-                                int32_t warp_n, int32_t stages, float scaling_factor,
-                                void* stream) {
+                                int32_t warp_n, int32_t stages, int32_t split,
+                                float scaling_factor, void* stream) {
   using namespace amoe;
   AMOE_REQUIRE(x && x_scale && w && w_scale && w2 && w2_scale && sorted_token_ids && expert_ids &&
                    num_tokens_post_padded && topk_weights && out,
@@ -207,7 +227,7 @@ int amoe_fused_moe_w8a8_up_down(const void* x, const float* x_scale, const void*
                    aligned(w2_scale, 4) && aligned(topk_weights, 4) &&
                    aligned(sorted_token_ids, 4) && aligned(expert_ids, 4),
                "scale, weight, id and output pointers must be 4-byte aligned");
-  const Config c{block_m, block_n, warp_n, stages};
+  const Config c{block_m, block_n, warp_n, stages, split};
   const FusedMoeVariant* variant = nullptr;
   int smem = 0;
   AMOE_TRY(select_device());
@@ -228,9 +248,9 @@ int amoe_fused_moe_w8a8_up_down(const void* x, const float* x_scale, const void*
   l.params = FusedMoeParams{sorted_token_ids, expert_ids, num_tokens_post_padded, x_scale,
                             w_scale, w2_scale, topk_weights,
                             static_cast<__nv_bfloat16*>(out), M, K, N, top_k, block_m, stages,
-                            scaling_factor};
-  const int64_t ctas = int64_t((sorted_len + block_m - 1) / block_m) * (N / kSliceRows);
-  AMOE_REQUIRE(ctas <= INT32_MAX, "too many token blocks x N slices for one launch");
+                            split, scaling_factor};
+  const int64_t ctas = int64_t((sorted_len + block_m - 1) / block_m) * (N / kSliceRows) * split;
+  AMOE_REQUIRE(ctas <= INT32_MAX, "too many token blocks x N slices x split for one launch");
   l.grid = dim3(unsigned(ctas), 1, 1);
   l.stream = static_cast<cudaStream_t>(stream);
   return variant->launch(l, smem);

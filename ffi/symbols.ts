@@ -78,10 +78,10 @@ export const SYMBOLS = {
   // ---- the fused MoE layer ----
   /**
    * int amoe_fused_moe_check_config(int32_t K, int32_t N, int32_t block_m, int32_t block_n,
-   *                                 int32_t warp_n, int32_t stages);
+   *                                 int32_t warp_n, int32_t stages, int32_t split);
    */
   amoe_fused_moe_check_config: {
-    parameters: ["i32", "i32", "i32", "i32", "i32", "i32"],
+    parameters: ["i32", "i32", "i32", "i32", "i32", "i32", "i32"],
     result: "i32",
   },
   /**
@@ -91,7 +91,8 @@ export const SYMBOLS = {
    *     const int32_t* expert_ids, const int32_t* num_tokens_post_padded,
    *     const float* topk_weights, void* out, int32_t M, int32_t K, int32_t N,
    *     int32_t num_experts, int32_t top_k, int32_t sorted_len, int32_t block_m,
-   *     int32_t block_n, int32_t warp_n, int32_t stages, float scaling_factor, void* stream);
+   *     int32_t block_n, int32_t warp_n, int32_t stages, int32_t split, float scaling_factor,
+   *     void* stream);
    *
    * All eleven array arguments are device pointers.
    */
@@ -118,6 +119,7 @@ export const SYMBOLS = {
       "i32", // block_n
       "i32", // warp_n
       "i32", // stages
+      "i32", // split
       "f32", // scaling_factor
       "pointer", // stream
     ],

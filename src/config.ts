@@ -4,11 +4,11 @@
  * A table file (as written by the seed's `jit_moe.py`) is a JSON object keyed by token count:
  *
  * ```json
- * {"1": {"block_m": 16, "block_n": 32, "warp_n": 8, "stages": 5}, "8": {...}, ...}
+ * {"1": {"block_m": 16, "block_n": 32, "warp_n": 8, "stages": 5, "split": 8}, "8": {...}, ...}
  * ```
  *
- * An optional `"__metadata__"` key (any value) is ignored; other fields in an entry are
- * ignored too.
+ * `split` is ours (the seed's tables do not have it) and optional: absent means 1. An optional
+ * `"__metadata__"` key (any value) is ignored; other fields in an entry are ignored too.
  *
  * @module
  */
@@ -23,6 +23,12 @@ export interface KernelConfig {
   warpN: number;
   /** Pipeline stages, 1..8. */
   stages: number;
+  /**
+   * CTAs (one thread-block cluster) sharing each (token block, N slice) unit, 1..16: they
+   * divide the up projection's K and the down projection's output rows, so that a few tokens
+   * still stream the weights through many SMs. Absent: 1, the seed's kernel.
+   */
+  split?: number;
 }
 
 /** A parsed table: token count -> config, iterating in ascending token count. */
@@ -43,6 +49,9 @@ export const BLOCK_M_RANGE: readonly [min: number, max: number] = Object.freeze(
 
 /** Inclusive range of `stages`. */
 export const STAGES_RANGE: readonly [min: number, max: number] = Object.freeze([1, 8] as const);
+
+/** Inclusive range of `split` (16 is Hopper's largest, non-portable, cluster). */
+export const SPLIT_RANGE: readonly [min: number, max: number] = Object.freeze([1, 16] as const);
 
 /** The environment variable naming a table file, as in the seed. */
 export const CONFIG_ENV_VAR = "ALPHA_MOE_CONFIG";
@@ -95,6 +104,13 @@ function findProblem(c: KernelConfig): Problem | undefined {
       message: `stages must be in ${STAGES_RANGE[0]}..${STAGES_RANGE[1]}, got ${c.stages}`,
     };
   }
+  const split = c.split ?? 1;
+  if (!Number.isSafeInteger(split) || split < SPLIT_RANGE[0] || split > SPLIT_RANGE[1]) {
+    return {
+      field: "split",
+      message: `split must be an integer in ${SPLIT_RANGE[0]}..${SPLIT_RANGE[1]}, got ${split}`,
+    };
+  }
   return undefined;
 }
 
@@ -126,7 +142,8 @@ const KEY_RE = /^(0|[1-9][0-9]*)$/;
  * @throws {ConfigError} naming the key and field for: a non-object table, a key that is not
  * a non-negative integer, an entry that is not an object, a missing or non-integer field,
  * `block_m` not a multiple of 8 in 8..128, a (block_n, warp_n) pair not in
- * {@link VALID_BLOCK_N_WARP_N}, `stages` outside 1..8, or a table with no entries.
+ * {@link VALID_BLOCK_N_WARP_N}, `stages` outside 1..8, a `split` (optional) outside 1..16, or a
+ * table with no entries.
  */
 export function parseConfigTable(json: unknown, source = "config table"): ConfigTable {
   if (typeof json !== "object" || json === null || Array.isArray(json)) {
@@ -143,7 +160,7 @@ export function parseConfigTable(json: unknown, source = "config table"): Config
       throw new ConfigError(`${where}: entry is not an object`, key);
     }
     const v = value as Record<string, unknown>;
-    const c = { blockM: 0, blockN: 0, warpN: 0, stages: 0 };
+    const c: KernelConfig = { blockM: 0, blockN: 0, warpN: 0, stages: 0 };
     for (const [jsonName, name] of FIELDS) {
       if (!(jsonName in v)) {
         throw new ConfigError(`${where}: missing field "${jsonName}"`, key, jsonName);
@@ -157,6 +174,17 @@ export function parseConfigTable(json: unknown, source = "config table"): Config
         );
       }
       c[name] = x;
+    }
+    if ("split" in v) {
+      const x = v.split;
+      if (typeof x !== "number" || !Number.isSafeInteger(x)) {
+        throw new ConfigError(
+          `${where}: field "split" must be an integer, got ${JSON.stringify(x)}`,
+          key,
+          "split",
+        );
+      }
+      c.split = x;
     }
     const problem = findProblem(c);
     if (problem !== undefined) {

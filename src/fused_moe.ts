@@ -212,6 +212,7 @@ export function fusedMoeW8A8UpDown(
       config.blockN,
       config.warpN,
       config.stages,
+      config.split ?? 1,
       scalingFactor,
       stream,
     ),
@@ -233,6 +234,7 @@ export function checkKernelConfig(K: number, N: number, config: KernelConfig): v
       config.blockN,
       config.warpN,
       config.stages,
+      config.split ?? 1,
     ),
   );
 }

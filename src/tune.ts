@@ -4,7 +4,8 @@
  *
  * For each batch size it draws top-k ids at a given balancedness (the seed's definition, see
  * {@link balancedTopkIds}), prunes the search space (the seed's: block_m 8..128 step 8, every
- * (block_n, warp_n) of {@link VALID_BLOCK_N_WARP_N}, stages 1..5) to what the shape can use,
+ * (block_n, warp_n) of {@link VALID_BLOCK_N_WARP_N}, stages 1..5, and our split 1..16) to what
+ * the shape can use,
  * times every remaining config with CUDA events (L2 flushed before each launch, medians), and
  * re-times the best few with more launches (successive halving, see {@link searchConfigs}). The
  * result is a table in the seed's JSON format ({@link tableJson}) and a results file with the
@@ -206,15 +207,44 @@ export function tokensPerExpert(topkIds: Int32Array, numExperts: number): Int32A
 /** Pipeline stages searched (the seed's range; more rarely fits in shared memory). */
 export const TUNE_STAGES: readonly number[] = Object.freeze([1, 2, 3, 4, 5]);
 
-/** The seed's search space: block_m 8..128 step 8 x (block_n, warp_n) pairs x stages 1..5. */
+/** Split factors searched (CTAs per cluster sharing one unit of work; 1 = the seed's kernel). */
+export const TUNE_SPLITS: readonly number[] = Object.freeze([1, 2, 4, 8, 16]);
+
+/**
+ * The seed's search space (block_m 8..128 step 8 x (block_n, warp_n) pairs x stages 1..5), each
+ * with every split of {@link TUNE_SPLITS}; {@link worthSplitting} prunes the splits per batch.
+ */
 export function searchSpace(): KernelConfig[] {
   const out: KernelConfig[] = [];
   for (let blockM = 8; blockM <= 128; blockM += 8) {
     for (const [blockN, warpN] of VALID_BLOCK_N_WARP_N) {
-      for (const stages of TUNE_STAGES) out.push({ blockM, blockN, warpN, stages });
+      for (const stages of TUNE_STAGES) {
+        for (const split of TUNE_SPLITS) {
+          // Canonical form: no split field for 1, as in the seed's tables.
+          out.push({ blockM, blockN, warpN, stages, ...(split > 1 ? { split } : {}) });
+        }
+      }
     }
   }
   return out;
+}
+
+/**
+ * Units of work (token blocks x 256-row N slices) of a launch with `blockM`, for `counts` slots
+ * per expert.
+ */
+export function unitsOfWork(counts: ArrayLike<number>, blockM: number, N: number): number {
+  let blocks = 0;
+  for (let e = 0; e < counts.length; e++) blocks += Math.ceil(counts[e] / blockM);
+  return blocks * (N / 256);
+}
+
+/**
+ * Is `split` worth timing for a launch of `units` units on `smCount` SMs? Splitting only helps
+ * while the CTAs do not fill the GPU: keep splits whose CTAs still fit in two waves.
+ */
+export function worthSplitting(split: number, units: number, smCount: number): boolean {
+  return split === 1 || units * split <= 2 * smCount;
 }
 
 /**
@@ -227,25 +257,27 @@ export function blockMLimit(maxTokensPerExpert: number): number {
   return Math.min(128, Math.max(16, twice));
 }
 
-/** `block_m/block_n/warp_n/stages`, e.g. `16/32/8/4`. */
+/** `block_m/block_n/warp_n/stages`, then `xSPLIT` when split > 1: `16/32/8/4`, `8/64/4/3x8`. */
 export function configKey(c: KernelConfig): string {
-  return `${c.blockM}/${c.blockN}/${c.warpN}/${c.stages}`;
+  const split = c.split ?? 1;
+  return `${c.blockM}/${c.blockN}/${c.warpN}/${c.stages}${split > 1 ? `x${split}` : ""}`;
 }
 
-/** Same four fields. */
+/** Same five fields (an absent split is 1). */
 export function sameConfig(a: KernelConfig, b: KernelConfig): boolean {
   return a.blockM === b.blockM && a.blockN === b.blockN && a.warpN === b.warpN &&
-    a.stages === b.stages;
+    a.stages === b.stages && (a.split ?? 1) === (b.split ?? 1);
 }
 
 /**
  * Orders configs so that those nearest `hint` come first (stable otherwise): when the time
  * budget cuts a round short, what is left out is what is least likely to win. Distance: block_m
- * in octaves, plus 0.35 per stage, plus 0.5 for another (block_n, warp_n) pair.
+ * and split in octaves, plus 0.35 per stage, plus 0.5 for another (block_n, warp_n) pair.
  */
 export function orderByHint(configs: readonly KernelConfig[], hint: KernelConfig): KernelConfig[] {
   const d = (c: KernelConfig): number =>
     Math.abs(Math.log2(c.blockM) - Math.log2(hint.blockM)) +
+    Math.abs(Math.log2(c.split ?? 1) - Math.log2(hint.split ?? 1)) +
     0.35 * Math.abs(c.stages - hint.stages) +
     (c.blockN === hint.blockN && c.warpN === hint.warpN ? 0 : 0.5);
   return configs.map((c, i) => ({ c, i, d: d(c) }))
@@ -563,7 +595,8 @@ export interface TuneResultsFile {
 }
 
 /**
- * A table in the seed's format: `{"<tokens>": {"block_m", "block_n", "warp_n", "stages"}}`, keys
+ * A table in the seed's format: `{"<tokens>": {"block_m", "block_n", "warp_n", "stages"}}`, plus
+ * `"split"` on entries whose split is above 1 (ours; the seed has no such field), keys
  * in ascending numeric order, one entry per line, nothing else, so that the seed's
  * `get_best_config` (which calls `int()` on every key) reads it as well as {@link
  * parseConfigTable} does. The timings and provenance go to the results file instead.
@@ -572,7 +605,7 @@ export function tableJson(entries: Iterable<readonly [number, KernelConfig]>): s
   const sorted = [...entries].sort((a, b) => a[0] - b[0]);
   const lines = sorted.map(([m, c]) =>
     `  "${m}": {"block_m": ${c.blockM}, "block_n": ${c.blockN}, "warp_n": ${c.warpN}, ` +
-    `"stages": ${c.stages}}`
+    `"stages": ${c.stages}${(c.split ?? 1) > 1 ? `, "split": ${c.split}` : ""}}`
   );
   const text = `{\n${lines.join(",\n")}\n}\n`;
   parseConfigTable(JSON.parse(text), "tableJson"); // never write what we could not read back
@@ -1087,12 +1120,13 @@ export async function tuneConfigs(
     seed,
     copyBandwidthGBs: 0,
     search: {
-      space:
-        `block_m 8..128 step 8 x (block_n, warp_n) in ${
-          VALID_BLOCK_N_WARP_N.map(([a, b]) => `(${a}, ${b})`).join(", ")
-        } x stages ${TUNE_STAGES[0]}..${TUNE_STAGES[TUNE_STAGES.length - 1]}, ` +
-        `less what checkKernelConfig refuses`,
-      pruning: "block_m <= max(16, 2 x the busiest expert's slots rounded up to 8)",
+      space: `block_m 8..128 step 8 x (block_n, warp_n) in ${
+        VALID_BLOCK_N_WARP_N.map(([a, b]) => `(${a}, ${b})`).join(", ")
+      } x stages ${TUNE_STAGES[0]}..${TUNE_STAGES[TUNE_STAGES.length - 1]} x split ${
+        TUNE_SPLITS.join("/")
+      }, less what checkKernelConfig refuses`,
+      pruning: "block_m <= max(16, 2 x the busiest expert's slots rounded up to 8); " +
+        "split > 1 only while units x split <= 2 x SMs",
       rounds: describeRounds(rounds),
       keepDefaultWithin: KEEP_DEFAULT_WITHIN,
       budgetSeconds: budget,
@@ -1163,7 +1197,10 @@ export async function tuneConfigs(
     });
     const counts = tokensPerExpert(topkIds, E);
     const limit = blockMLimit(Math.max(...counts));
-    const candidates = runnable.filter((c) => c.blockM <= limit);
+    const candidates = runnable.filter((c) =>
+      c.blockM <= limit &&
+      worthSplitting(c.split ?? 1, unitsOfWork(counts, c.blockM, N), info.smCount)
+    );
     const floorBytes = memoryFloorBytes({ M, K, N, numExperts: E, topK }, topkIds);
     const predicted = predictSeconds(
       shape,

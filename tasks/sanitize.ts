@@ -1,6 +1,6 @@
 /**
- * `deno task sanitize`: runs the fused kernel once per (block_n, warp_n) pair on a small random
- * problem under compute-sanitizer (memcheck, then racecheck), with the -lineinfo build.
+ * `deno task sanitize`: runs the fused kernel once per (block_n, warp_n) pair, without and with
+ * split units (clusters of 4), on a small random problem under compute-sanitizer (memcheck, then racecheck), with the -lineinfo build.
  * `--child` is the part that runs under the sanitizer.
  *
  * @module
@@ -26,10 +26,13 @@ function child(): void {
   using dev = new DeviceMoeProblem(p, { dropExperts: [2] });
   const ref = fusedMoeReference({ ...p, ...dev.routing(16), requant: true });
   for (const [blockN, warpN] of PAIRS) {
-    dev.run({ blockM: 16, blockN, warpN, stages: 2 });
-    const err = relativeL2(dev.readOut(), ref);
-    console.log(`(${blockN}, ${warpN}): relative L2 ${err.toExponential(3)}`);
-    if (!(err <= 1e-2)) throw new Error(`(${blockN}, ${warpN}) is wrong under the sanitizer`);
+    for (const split of [1, 4]) {
+      dev.run({ blockM: 16, blockN, warpN, stages: 2, split });
+      const err = relativeL2(dev.readOut(), ref);
+      const what = `(${blockN}, ${warpN}) split ${split}`;
+      console.log(`${what}: relative L2 ${err.toExponential(3)}`);
+      if (!(err <= 1e-2)) throw new Error(`${what} is wrong under the sanitizer`);
+    }
   }
 }
 

@@ -259,3 +259,24 @@ catch (e) { console.log(e instanceof Deno.errors.NotCapable ? "NotCapable" : Str
     assert.equal(text, "NotCapable", new TextDecoder().decode(out.stderr));
   },
 });
+
+Deno.test("parse: split is optional (absent = 1), an integer in 1..16", () => {
+  const t = parseConfigTable({ "1": { ...entry(8), split: 8 }, "64": entry(16) });
+  assert.equal(t.get(1)!.split, 8);
+  assert.equal(t.get(64)!.split, undefined);
+  for (const bad of [0, 17, -1]) {
+    assertConfigError(
+      () => parseConfigTable({ "1": { ...entry(8), split: bad } }),
+      /key "1": split must be an integer in 1\.\.16/,
+      "1",
+      "split",
+    );
+  }
+  assertConfigError(
+    () => parseConfigTable({ "1": { ...entry(8), split: "8" } }),
+    /field "split" must be an integer/,
+    "1",
+    "split",
+  );
+  assert.match(configProblem({ blockM: 8, blockN: 32, warpN: 8, stages: 2, split: 1.5 })!, /split/);
+});

@@ -22,8 +22,14 @@ const TESTDATA = Deno.env.get("ALPHA_MOE_TESTDATA")
   ? new URL(`file://${Deno.realPathSync(Deno.env.get("ALPHA_MOE_TESTDATA")!)}/`)
   : new URL("../../shared/testdata/", import.meta.url);
 
-function cfg(blockM: number, blockN: number, warpN: number, stages: number): KernelConfig {
-  return { blockM, blockN, warpN, stages };
+function cfg(
+  blockM: number,
+  blockN: number,
+  warpN: number,
+  stages: number,
+  split = 1,
+): KernelConfig {
+  return { blockM, blockN, warpN, stages, ...(split > 1 ? { split } : {}) };
 }
 
 /** References with and without the intermediate re-quantisation, for `rows` (all if absent). */
@@ -114,7 +120,11 @@ gpuTest("golden moe_small / moe_medium through the kernel: <= 1 % of out_requant
   }
 });
 
-gpuTest("every block_m, both (block_n, warp_n) pairs, stages 1..5 on a small shape", () => {
+/**
+ * The small shape of the config sweeps (K = 384: 3 K blocks, 2 down tiles; N = 512: 2 slices),
+ * on the GPU with expert 5 dropped, and its requant reference.
+ */
+function smallShape(seed: number): { p: MoeProblem; dev: DeviceMoeProblem; ref: Float32Array } {
   const p = makeRandomMoeProblem({
     M: 45,
     K: 384,
@@ -122,10 +132,15 @@ gpuTest("every block_m, both (block_n, warp_n) pairs, stages 1..5 on a small sha
     numExperts: 12,
     topK: 4,
     blockM: 8,
-    seed: 3,
+    seed,
   });
-  using dev = new DeviceMoeProblem(p, { dropExperts: [5] });
-  const ref = references(dev, p, 8).requant;
+  const dev = new DeviceMoeProblem(p, { dropExperts: [5] });
+  return { p, dev, ref: references(dev, p, 8).requant };
+}
+
+gpuTest("every block_m, both (block_n, warp_n) pairs, stages 1..5 on a small shape", () => {
+  const { dev: d, ref } = smallShape(3);
+  using dev = d;
   let worst = 0;
   for (let blockM = 8; blockM <= 128; blockM += 8) {
     for (const [bn, wn] of PAIRS) {
@@ -141,6 +156,28 @@ gpuTest("every block_m, both (block_n, warp_n) pairs, stages 1..5 on a small sha
     }
   }
   console.log(`160 configs, worst relative L2 ${worst.toExponential(3)}`);
+});
+
+// Splits above 3 leave CTAs of the small shape with no up or no down work, which must still
+// take part in every cluster exchange.
+gpuTest("split units: splits 2..16 (odd ones too) against the reference on a small shape", () => {
+  const { dev: d, ref } = smallShape(13);
+  using dev = d;
+  let worst = 0;
+  let runs = 0;
+  for (const split of [2, 3, 5, 8, 16]) {
+    for (const blockM of [8, 24, 64]) {
+      for (const [bn, wn] of PAIRS) {
+        for (const stages of [1, 3]) {
+          dev.run(cfg(blockM, bn, wn, stages, split));
+          const what = `split ${split} block_m ${blockM} (${bn}, ${wn}) stages ${stages}`;
+          worst = Math.max(worst, assertClose(dev.readOut(), ref, what));
+          runs++;
+        }
+      }
+    }
+  }
+  console.log(`${runs} split configs, worst relative L2 ${worst.toExponential(3)}`);
 });
 
 gpuTest("configs the kernel cannot run are refused with the reason", () => {
@@ -196,11 +233,14 @@ for (const s of SHAPES) {
           const rows = M <= 8 ? [...Array(M).keys()] : [0, 1, 2, M >> 1, M - 2, M - 1];
           const ref = references(dev, p, blockM, rows);
           const failures: string[] = [];
-          for (const [bn, wn] of PAIRS) {
-            dev.run(cfg(blockM, bn, wn, 3));
+          const variants = PAIRS.flatMap(([bn, wn]) =>
+            [1, 4, 16].map((split) => ({ bn, wn, split }))
+          );
+          for (const { bn, wn, split } of variants) {
+            dev.run(cfg(blockM, bn, wn, 3, split));
             const out = dev.readOut();
             const got = pick(out, s.K, rows);
-            const what = `M=${M} skew=${skew} (${bn}, ${wn})`;
+            const what = `M=${M} skew=${skew} (${bn}, ${wn}) split ${split}`;
             const err = relativeL2(got, pick(ref.requant, s.K, rows));
             console.log(
               `${what}: rel L2 ${err.toExponential(2)} (vs pure fp32 ` +
@@ -232,15 +272,22 @@ gpuTest("bitwise repeatable when each output has one contribution (race detector
     seed: 4,
   });
   using dev = new DeviceMoeProblem(p);
-  for (const blockM of [8, 24, 64, 128]) {
-    for (const [bn, wn] of PAIRS) {
-      for (const stages of [1, 2, 4]) {
-        const config = cfg(blockM, bn, wn, stages);
-        dev.run(config);
-        const first = dev.out.download();
-        for (let rep = 0; rep < 3; rep++) {
+  // Split units sum their partials in a fixed order, so they must repeat bitwise too.
+  for (const split of [1, 4, 16]) {
+    for (const blockM of [8, 24, 64, 128]) {
+      for (const [bn, wn] of PAIRS) {
+        for (const stages of [1, 2, 4]) {
+          const config = cfg(blockM, bn, wn, stages, split);
           dev.run(config);
-          assert.deepEqual(dev.out.download(), first, `block_m ${blockM} (${bn}, ${wn}) ${stages}`);
+          const first = dev.out.download();
+          for (let rep = 0; rep < 3; rep++) {
+            dev.run(config);
+            assert.deepEqual(
+              dev.out.download(),
+              first,
+              `block_m ${blockM} (${bn}, ${wn}) ${stages} split ${split}`,
+            );
+          }
         }
       }
     }
@@ -306,6 +353,14 @@ gpuTest("bad inputs: wrong dtype, wrong shape, freed buffer, bad config", () => 
   );
   assert.throws(() => fusedMoeW8A8UpDown(t, { ...opts, topK: 3 }), /topkWeights/);
   assert.throws(() => fusedMoeW8A8UpDown(t, { ...opts, config: cfg(12, 32, 8, 2) }), /block_m/);
+  assert.throws(
+    () => fusedMoeW8A8UpDown(t, { ...opts, config: { ...opts.config, split: 17 } }),
+    /split/,
+  );
+  assert.throws(
+    () => checkKernelConfig(256, 256, { ...opts.config, split: 0 }),
+    (e: unknown) => e instanceof UnsupportedError && /split 0/.test(e.message),
+  );
   const gone = DeviceBuffer.alloc("bf16", [8, 256]);
   gone.free();
   assert.throws(() => fusedMoeW8A8UpDown({ ...t, out: gone }, opts), /used after free/);

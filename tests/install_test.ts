@@ -9,6 +9,7 @@
 import assert from "node:assert/strict";
 import { fileURLToPath, pathToFileURL } from "node:url";
 import { findNvcc, LIBRARY_NAME, TARGET_ARCH } from "../ffi/build.ts";
+import { ABI_VERSION } from "../ffi/library.ts";
 import {
   acquireLock,
   type CacheEntry,
@@ -126,7 +127,7 @@ function loaded(run: Run): { abi: number; devices: number; ms: number } {
   assert.equal(run.code, 0, `exit ${run.code}\n${run.stdout}\n${run.stderr}`);
   const line = run.stdout.trim().split("\n").at(-1)!;
   const answer = JSON.parse(line);
-  assert.equal(answer.abi, 1, line);
+  assert.equal(answer.abi, ABI_VERSION, line);
   assert.ok(answer.devices >= 0, line);
   return answer;
 }

@@ -40,7 +40,10 @@ import {
   summaryTable,
   tableJson,
   tokensPerExpert,
+  TUNE_SPLITS,
   type TuneResultsFile,
+  unitsOfWork,
+  worthSplitting,
   writeTextFileAtomic,
 } from "../src/tune.ts";
 import { memoryFloorBytes } from "../src/timing.ts";
@@ -108,10 +111,22 @@ Deno.test("balancedTopkIds: the seed's balancedness (uniform, one-hot, mixture),
   );
 });
 
+/** The seed's part of the search space (split 1): the synthetic kernels below ignore split. */
+function seedSpace(): KernelConfig[] {
+  return searchSpace().filter((c) => (c.split ?? 1) === 1);
+}
+
 Deno.test("search space and pruning", () => {
   const space = searchSpace();
-  assert.equal(space.length, 16 * 2 * 5);
+  assert.equal(space.length, 16 * 2 * 5 * TUNE_SPLITS.length);
+  assert.equal(seedSpace().length, 160);
   assert.equal(new Set(space.map(configKey)).size, space.length);
+  assert.equal(configKey({ ...cfg(8, 64, 4, 3), split: 8 }), "8/64/4/3x8");
+  // One token over 9 experts: 9 units; splits up to 16 keep 144 CTAs within two waves of 132.
+  assert.equal(unitsOfWork([1, 0, 2, 9], 8, 512), 2 * (1 + 1 + 2));
+  assert.ok(worthSplitting(16, 9, 132));
+  assert.ok(!worthSplitting(2, 200, 132));
+  assert.ok(worthSplitting(1, 5000, 132));
   assert.equal(blockMLimit(0), 16);
   assert.equal(blockMLimit(1), 16);
   assert.equal(blockMLimit(9), 24);
@@ -145,7 +160,7 @@ function syntheticMeasure(noise = 0.01): MeasureFn & { calls: number } {
 Deno.test("searchConfigs: successive halving finds the minimum and times the baseline", () => {
   const measure = syntheticMeasure();
   const def = cfg(64, 32, 8, 3);
-  const out = searchConfigs(searchSpace(), measure, { rounds: defaultRounds(40), baseline: def });
+  const out = searchConfigs(seedSpace(), measure, { rounds: defaultRounds(40), baseline: def });
   assert.equal(configKey(out.ranked[0].config), "24/32/8/3");
   assert.equal(out.timed, 160);
   assert.ok(out.baseline !== undefined && configKey(out.baseline.config) === "64/32/8/3");
@@ -163,13 +178,13 @@ Deno.test("searchConfigs: refused configs are skipped, fatal errors stop the sea
     if (c.stages === 3) throw new UnsupportedError("needs too much shared memory");
     return inner(c, run);
   };
-  const out = searchConfigs(searchSpace(), refusing);
+  const out = searchConfigs(seedSpace(), refusing);
   assert.equal(out.refused.length, 32);
   assert.equal(out.ranked[0].config.stages === 3, false);
   const fatal: MeasureFn = () => {
     throw new CudaFatalError("illegal address");
   };
-  assert.throws(() => searchConfigs(searchSpace(), fatal), CudaFatalError);
+  assert.throws(() => searchConfigs(seedSpace(), fatal), CudaFatalError);
   const none: MeasureFn = () => {
     throw new UnsupportedError("no");
   };
@@ -183,7 +198,7 @@ Deno.test("searchConfigs: a deadline cuts the first round after the minimum", ()
     clock += 10;
     return measure(c, run);
   };
-  const candidates = orderByHint(searchSpace(), cfg(24, 32, 8, 3));
+  const candidates = orderByHint(seedSpace(), cfg(24, 32, 8, 3));
   const out = searchConfigs(candidates, timed, { deadline: 200, now: () => clock });
   assert.ok(out.timed >= 12 && out.timed <= 21, `timed ${out.timed}`);
   assert.equal(out.timed + out.cut, 160);
@@ -304,8 +319,12 @@ Deno.test("the budget model: E=257 N=256 K=7168 top-k 9 over the seed's sizes fi
       balancedness: 1,
       seed: M,
     });
-    const limit = blockMLimit(Math.max(...tokensPerExpert(ids, shape.numExperts)));
-    const n = space.filter((c) => c.blockM <= limit).length;
+    const counts = tokensPerExpert(ids, shape.numExperts);
+    const limit = blockMLimit(Math.max(...counts));
+    const n = space.filter((c) =>
+      c.blockM <= limit &&
+      worthSplitting(c.split ?? 1, unitsOfWork(counts, c.blockM, shape.N), 132)
+    ).length;
     configs += n;
     const floorUs = memoryFloorBytes({ M, ...shape }, ids) / 3e12 * 1e6;
     seconds += predictSeconds(shape, M, n, floorUs, defaultRounds(40), true);

@@ -1,11 +1,22 @@
 // kernel.cuh: the fused FP8 MoE kernel (up projection, SwiGLU, FP8 re-quantisation, down
 // projection, weighted bf16 accumulation) for one (token block, N slice) per CTA.
 //
-// Work split. blockIdx.x / slices is a block of `block_m` sorted token slots that all go to
-// one expert (moe_align_block_size layout); blockIdx.x % slices is a 256-row slice of the
+// Work split. A unit of work is (token block, N slice): a block of `block_m` sorted token
+// slots that all go to one expert (moe_align_block_size layout) and a 256-row slice of the
 // interleaved gate/up weights, i.e. 128 gate + 128 up rows = one 128-wide requantisation
 // group of the intermediate. The token block is processed in sub-tiles of T tokens (T is the wgmma N
 // dimension: tokens sit on the N side, weights on the 64-row M side, "swap AB").
+//
+// Split units. With `split` > 1 a cluster of `split` CTAs shares one unit, so that few tokens
+// still spread the weight stream over many SMs. CTA r of the cluster takes the r-th share of
+// the up projection's K blocks and of the down projection's output tiles. Its fp32 partial sums
+// of the up projection go to its shared memory; the 16-row groups (8 gate/up pairs) of the
+// slice are dealt round-robin to the CTAs, and each sums its groups over every CTA's partials
+// through distributed shared memory, applies SwiGLU and takes the per-token amax of its pairs.
+// The amax is exchanged the same way, each CTA quantises its pairs into its activation tile,
+// and then copies the other pairs from their owners, so every CTA holds the whole tile for its
+// down-projection share. Three cluster exchanges per sub-tile (ClusterExchange); the result is
+// the same as with one CTA except for the order of the fp32 additions.
 //
 // Warp roles. Warpgroup 0 is the producer: one warp streams every operand with TMA into a
 // ring of `stages` shared-memory buffers. Warpgroups 1..WGS are consumers; each owns
@@ -15,7 +26,8 @@
 // slice's rows at one 128-wide K block; w2 for the down projection: 256 output rows of the
 // slice's 128 intermediate columns), the T x 128-byte token tile (up projection only) and
 // the f32 scales that go with them. The producer runs the same sequence of tiles as the
-// consumers: per sub-tile, K/128 up tiles then ceil(K/256) down tiles.
+// consumers: per sub-tile, the CTA's share of the K/128 up tiles, then of the ceil(K/256) down
+// tiles.
 //
 // Barrier protocol. full[s]: 32 producer-lane arrivals + the TMA transaction bytes (lane 0
 // raises the expected bytes before any copy); each lane arrives after writing its share of
@@ -24,6 +36,11 @@
 // wgmma.wait_group 0, and its scale reads are done): every reader releases its own reads.
 // Phase parity flips each time the ring wraps; the producer's first pass waits on parity 1,
 // which a fresh barrier reports as complete.
+//
+// Cluster exchanges use two mbarriers in each CTA, alternating, each completing when every
+// CTA of the cluster has arrived once (release at cluster scope, acquire in the wait). A CTA
+// can only reach exchange n+1 after all CTAs arrived for exchange n, so with two barriers an
+// early arrival never lands in the phase before the one it is meant for.
 //
 // Output. Each down tile's results (times the block scale, the activation scale, the top-k
 // weight and the scaling factor) are rounded to bf16 into a per-warpgroup staging tile, one
@@ -65,6 +82,7 @@ struct FusedMoeParams {
   const float* topk_weights;
   __nv_bfloat16* out;  // [M, K]
   int32_t M, K, N, top_k, block_m, stages;
+  int32_t split;  // CTAs per cluster sharing one (token block, N slice) unit
   float scaling_factor;
 };
 
@@ -83,14 +101,18 @@ struct SmemLayout {
   static constexpr int kStagingStride = kStagingRowBytes + 16;
   static constexpr int kStagingBytes = T * kStagingStride;
 
-  // Bytes after the ring: activation tile, output staging per warpgroup, two amax buffers,
-  // per-slot token row and weight.
-  __host__ __device__ static constexpr int tail_bytes(int block_m) {
-    return kTokenTileBytes + WGS * kStagingBytes + 2 * T * 4 + block_m * 8;
+  // fp32 partial sums of the up projection that a split unit's CTAs exchange: kSliceRows x T.
+  static constexpr int kPartialBytes = kSliceRows * T * 4;
+
+  // Bytes after the ring: activation tile, output staging per warpgroup, [split > 1: partial
+  // sums], two amax buffers and the cluster-wide amax, per-slot token row and weight.
+  __host__ __device__ static constexpr int tail_bytes(int block_m, int split) {
+    return kTokenTileBytes + WGS * kStagingBytes + (split > 1 ? kPartialBytes : 0) + 3 * T * 4 +
+           block_m * 8;
   }
-  __host__ __device__ static constexpr int total_bytes(int stages, int block_m) {
-    return 1024 /* alignment slack */ + stages * kStageBytes + tail_bytes(block_m) +
-           stages * 16 /* barriers */;
+  __host__ __device__ static constexpr int total_bytes(int stages, int block_m, int split) {
+    return 1024 /* alignment slack */ + stages * kStageBytes + tail_bytes(block_m, split) +
+           (stages + 1) * 16 /* ring and exchange barriers */;
   }
 };
 
@@ -113,9 +135,27 @@ struct Ring {
 
 // Per-CTA facts both roles need.
 struct BlockInfo {
-  int expert, slice, kblocks, down_tiles, subtiles;
+  int expert, slice, kblocks, subtiles;
+  int kb_begin, kb_end;  // this CTA's share of the up projection's K blocks
+  int dt_begin, dt_end;  // and of the down projection's 256-row output tiles
+  int split, rank;       // CTAs sharing the unit, and this one's rank among them
   const int32_t* tok_row;     // [block_m] output row of each sorted slot, or -1
   const float* tok_weight;    // [block_m] topk weight * scaling factor
+};
+
+// A barrier over the consumer threads of every CTA in the cluster (see the protocol above).
+struct ClusterExchange {
+  uint64_t* bars;  // [2], each expecting one arrival per CTA
+  int split;
+  uint32_t uses = 0;
+  __device__ __forceinline__ void sync(int ctid, int threads) {
+    ptx::fence_acq_rel_cluster();
+    ptx::named_barrier_sync(1, threads);  // every consumer thread's writes precede the arrivals
+    uint64_t* bar = &bars[uses & 1];
+    if (ctid < split) ptx::mbar_arrive_cluster(ptx::cluster_addr(bar, ctid));
+    ptx::mbar_wait_cluster(bar, (uses >> 1) & 1);
+    ++uses;
+  }
 };
 
 __device__ __forceinline__ float silu(float g) { return g / (1.0f + __expf(-g)); }
@@ -143,12 +183,14 @@ __device__ __forceinline__ void produce(const CUtensorMap* x_map, const CUtensor
   const float* ws_up = ws_gate + b.kblocks;
   const float* w2s = p.w2_scale + size_t(b.expert) * b.kblocks * slices + b.slice;
   // Scales are loaded one stage ahead into registers, so that a global load's latency never
-  // sits between an empty slot and its TMA copies.
+  // sits between an empty slot and its TMA copies. The loops stay rolled: the producer has 56
+  // registers after setmaxnreg, and unrolled copies of them spill.
   constexpr int kPerLane = (T + 31) / 32;
   for (int sub = 0; sub < b.subtiles; ++sub) {
     const int t0 = sub * T;
     const int tcount = min(T, p.block_m - t0);
     int loaded = 0;  // rows of this sub-tile that hold a real token
+#pragma unroll 1
     for (int i = 0; i < tcount; ++i) loaded += b.tok_row[t0 + i] >= 0;
     int rows[kPerLane];  // token row of each of this lane's columns, or -1
 #pragma unroll
@@ -167,9 +209,10 @@ __device__ __forceinline__ void produce(const CUtensorMap* x_map, const CUtensor
         up = ws_up[kb];
       }
     };
-    load_up_scales(0);
+    if (b.kb_begin < b.kb_end) load_up_scales(b.kb_begin);
 
-    for (int kb = 0; kb < b.kblocks; ++kb) {
+#pragma unroll 1
+    for (int kb = b.kb_begin; kb < b.kb_end; ++kb) {
       ptx::mbar_wait(&ring.empty[ring.stage], ring.phase ^ 1);
       uint8_t* st = ring.current();
       uint64_t* full = &ring.full[ring.stage];
@@ -194,7 +237,7 @@ __device__ __forceinline__ void produce(const CUtensorMap* x_map, const CUtensor
         sc[T + 1] = up;
       }
       ptx::mbar_arrive(full);  // after this lane's scale writes
-      if (kb + 1 < b.kblocks) load_up_scales(kb + 1);
+      if (kb + 1 < b.kb_end) load_up_scales(kb + 1);
       ring.advance();
     }
 
@@ -205,8 +248,9 @@ __device__ __forceinline__ void produce(const CUtensorMap* x_map, const CUtensor
         w2_hi = 2 * dt + 1 < b.kblocks ? w2s[size_t(2 * dt + 1) * slices] : 0.0f;
       }
     };
-    load_down_scales(0);
-    for (int dt = 0; dt < b.down_tiles; ++dt) {
+    if (b.dt_begin < b.dt_end) load_down_scales(b.dt_begin);
+#pragma unroll 1
+    for (int dt = b.dt_begin; dt < b.dt_end; ++dt) {
       ptx::mbar_wait(&ring.empty[ring.stage], ring.phase ^ 1);
       uint8_t* st = ring.current();
       uint64_t* full = &ring.full[ring.stage];
@@ -218,7 +262,7 @@ __device__ __forceinline__ void produce(const CUtensorMap* x_map, const CUtensor
         sc[1] = w2_hi;
       }
       ptx::mbar_arrive(full);
-      if (dt + 1 < b.down_tiles) load_down_scales(dt + 1);
+      if (dt + 1 < b.dt_end) load_down_scales(dt + 1);
       ring.advance();
     }
   }
@@ -228,8 +272,9 @@ __device__ __forceinline__ void produce(const CUtensorMap* x_map, const CUtensor
 // Consumers: WGS warpgroups, each owning 256/WGS rows of every weight tile.
 template <int T, int WGS>
 __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo& b, Ring ring,
-                                        uint8_t* act, uint8_t* staging, uint32_t* amax,
-                                        int ctid) {
+                                        uint8_t* act, uint8_t* staging, float* partial,
+                                        uint32_t* amax, uint32_t* amax_cluster,
+                                        ClusterExchange xc, int ctid) {
   using L = SmemLayout<T, WGS>;
   constexpr int kRowsPerWg = kSliceRows / WGS;
   constexpr int kTiles = kRowsPerWg / 64;  // m64 wgmma tiles per consumer warpgroup
@@ -258,7 +303,7 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
 #pragma unroll
       for (int r = 0; r < kRegs; ++r) acc[m][r] = 0.0f;
 
-    for (int kb = 0; kb < b.kblocks; ++kb) {
+    for (int kb = b.kb_begin; kb < b.kb_end; ++kb) {
       ptx::mbar_wait(&ring.full[ring.stage], ring.phase);
       const uint8_t* st = ring.current();
       const float* sc = reinterpret_cast<const float*>(st + L::kScaleOffset);
@@ -297,6 +342,41 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
       ring.advance();
     }
 
+    // ---- split unit: sum the partials of this CTA's 16-row groups over the cluster ----
+    if (b.split > 1) {
+      // Thread-major float4s: the same (thread, tile, register) slot in every CTA.
+      float4* mine = reinterpret_cast<float4*>(partial);
+      auto slot = [&](int m, int q) { return (m * (kRegs / 4) + q) * kConsumerThreads + ctid; };
+#pragma unroll
+      for (int m = 0; m < kTiles; ++m)
+#pragma unroll
+        for (int q = 0; q < kRegs / 4; ++q) {
+          mine[slot(m, q)] =
+              make_float4(acc[m][4 * q], acc[m][4 * q + 1], acc[m][4 * q + 2], acc[m][4 * q + 3]);
+        }
+      xc.sync(ctid, kConsumerThreads);
+#pragma unroll
+      for (int m = 0; m < kTiles; ++m) {
+        const int group = wg_row0 / 16 + m * 4 + warp;
+        if (group % b.split == b.rank) {
+          for (int peer = 0; peer < b.split; ++peer) {
+            if (peer == b.rank) continue;
+#pragma unroll
+            for (int q = 0; q < kRegs / 4; ++q) {
+              const float4 v = ptx::ld_cluster_f32x4(ptx::cluster_addr(&mine[slot(m, q)], peer));
+              acc[m][4 * q] += v.x;
+              acc[m][4 * q + 1] += v.y;
+              acc[m][4 * q + 2] += v.z;
+              acc[m][4 * q + 3] += v.w;
+            }
+          }
+        } else {
+#pragma unroll
+          for (int r = 0; r < kRegs; ++r) acc[m][r] = 0.0f;  // another CTA's pairs
+        }
+      }
+    }
+
     // ---- SwiGLU in registers: fragment rows r (gate) and r + 8 (up) pair up ----
 #pragma unroll
     for (int j = 0; j < T / 8; ++j) {
@@ -319,6 +399,18 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
         atomicMax(&amax_cur[j * 8 + quad * 2 + 1], __float_as_uint(m1));
       }
     }
+    const uint32_t* amax_all = amax_cur;
+    if (b.split > 1) {  // the amax over every CTA's pairs
+      xc.sync(ctid, kConsumerThreads);
+      if (ctid < T) {
+        uint32_t m = 0;
+        for (int peer = 0; peer < b.split; ++peer) {
+          m = max(m, ptx::ld_cluster_u32(ptx::cluster_addr(&amax_cur[ctid], peer)));
+        }
+        amax_cluster[ctid] = m;
+      }
+      amax_all = amax_cluster;
+    }
     ptx::named_barrier_sync(1, kConsumerThreads);
 
     // ---- re-quantise per token over the slice's 128 intermediates; write the B tile ----
@@ -328,7 +420,7 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int col = j * 8 + quad * 2 + h;
-        const float scale = fmaxf(__uint_as_float(amax_cur[col]), 1e-10f) / kFp8Max;
+        const float scale = fmaxf(__uint_as_float(amax_all[col]), 1e-10f) / kFp8Max;
         const bool live = col < tcount;
         col_factor[j][h] = live ? b.tok_weight[t0 + col] * scale : 0.0f;
 #pragma unroll
@@ -342,6 +434,16 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
       }
     }
     if (ctid < T) amax[((sub + 1) & 1) * T + ctid] = 0;  // the other buffer is free now
+    if (b.split > 1) {  // copy the other CTAs' pairs (8 bytes per group and token)
+      xc.sync(ctid, kConsumerThreads);
+      for (int i = ctid; i < T * 16; i += kConsumerThreads) {
+        const int t = i / 16, group = i % 16, owner = group % b.split;
+        if (owner != b.rank) {
+          uint8_t* at = act + sw128_offset(t, group * 8);
+          *reinterpret_cast<uint64_t*>(at) = ptx::ld_cluster_u64(ptx::cluster_addr(at, owner));
+        }
+      }
+    }
     ptx::fence_proxy_async_smem();
     ptx::named_barrier_sync(1, kConsumerThreads);
 
@@ -351,7 +453,7 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
     // row instead of one atomic per pair of elements.
     uint8_t* stage_out = staging + (ctid / 128) * L::kStagingBytes;
     const uint32_t wg_barrier = 2 + ctid / 128;
-    for (int dt = 0; dt < b.down_tiles; ++dt) {
+    for (int dt = b.dt_begin; dt < b.dt_end; ++dt) {
       ptx::mbar_wait(&ring.full[ring.stage], ring.phase);
       const uint8_t* st = ring.current();
       const float* w2s = reinterpret_cast<const float*>(st + L::kScaleOffset) + T;
@@ -424,6 +526,8 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
     }
   }
   if (warp == 0) ptx::bulk_wait();  // the reductions are complete before the CTA retires
+  // No CTA leaves while a peer may still read its shared memory or arrive on its barriers.
+  if (b.split > 1) xc.sync(ctid, kConsumerThreads);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -434,9 +538,11 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
                      const __grid_constant__ CUtensorMap w2_map, const FusedMoeParams p) {
   using L = SmemLayout<T, WGS>;
   // Slices of one token block are neighbours in launch order: they run at the same time, so
-  // their halves of each w2 row (N/2 > 128) are read from DRAM together.
+  // their halves of each w2 row (N/2 > 128) are read from DRAM together. The `split` CTAs of
+  // a unit are one cluster, so they return here together.
   const int slices = p.N / kSliceRows;
-  const int block = blockIdx.x / slices;
+  const int unit = blockIdx.x / p.split;
+  const int block = unit / slices;
   if (block * p.block_m >= *p.num_tokens_post_padded) return;
   const int expert = p.expert_ids[block];
   if (expert < 0) return;  // expert not on this GPU: contributes nothing
@@ -446,11 +552,15 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
   uint8_t* smem = smem_raw + ((1024 - ptx::smem_addr(smem_raw) % 1024) % 1024);
   uint8_t* act = smem + p.stages * L::kStageBytes;  // FP8 intermediate, T x 128, swizzled
   uint8_t* staging = act + L::kTokenTileBytes;  // [WGS][T][kStagingStride] bf16 rows
-  uint32_t* amax = reinterpret_cast<uint32_t*>(staging + WGS * L::kStagingBytes);  // [2][T]
-  int32_t* tok_row = reinterpret_cast<int32_t*>(amax + 2 * T);              // [block_m]
+  float* partial = reinterpret_cast<float*>(staging + WGS * L::kStagingBytes);  // split > 1
+  uint32_t* amax = reinterpret_cast<uint32_t*>(reinterpret_cast<uint8_t*>(partial) +
+                                               (p.split > 1 ? L::kPartialBytes : 0));  // [2][T]
+  uint32_t* amax_cluster = amax + 2 * T;                                    // [T]
+  int32_t* tok_row = reinterpret_cast<int32_t*>(amax_cluster + T);          // [block_m]
   float* tok_weight = reinterpret_cast<float*>(tok_row + p.block_m);        // [block_m]
   uint64_t* full = reinterpret_cast<uint64_t*>(tok_weight + p.block_m);
   uint64_t* empty = full + p.stages;
+  uint64_t* exchange = empty + p.stages;  // [2]
 
   const int tid = threadIdx.x;
   const int routed = p.M * p.top_k;
@@ -466,26 +576,42 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
       ptx::mbar_init(&full[s], kProducerLanes);
       ptx::mbar_init(&empty[s], WGS * 128);
     }
+    ptx::mbar_init(&exchange[0], p.split);
+    ptx::mbar_init(&exchange[1], p.split);
     ptx::fence_barrier_init();
   }
   __syncthreads();
+  // Peers arrive on this CTA's exchange barriers and read its shared memory: all of the
+  // cluster must be running, with barriers initialised, before the first exchange.
+  if (p.split > 1) ptx::cluster_sync_all();
 
+  const int kblocks = p.K / kKBlock;
+  const int down_tiles = (p.K + kSliceRows - 1) / kSliceRows;
+  const int rank = p.split > 1 ? int(ptx::cluster_ctarank()) : 0;
   const BlockInfo info{expert,
-                       int(blockIdx.x) % slices,
-                       p.K / kKBlock,
-                       (p.K + kSliceRows - 1) / kSliceRows,
+                       unit % slices,
+                       kblocks,
                        (p.block_m + T - 1) / T,
+                       rank * kblocks / p.split,
+                       (rank + 1) * kblocks / p.split,
+                       rank * down_tiles / p.split,
+                       (rank + 1) * down_tiles / p.split,
+                       p.split,
+                       rank,
                        tok_row,
                        tok_weight};
   const Ring ring{smem, full, empty, p.stages, L::kStageBytes};
-  // Each role is one branch of a single if/else so that setmaxnreg can move registers from
-  // the producer warpgroup to the consumers.
+  // Each role is one branch of a single if/else, with no code after it: that is the shape
+  // that lets setmaxnreg move registers from the producer warpgroup to the consumers (shared
+  // code after the branches made ptxas spill),
+  // the setmaxnreg pair needs.
   if (tid < 128) {
     if constexpr (WGS > 1) ptx::setmaxnreg_dec<56>();
     if (tid < 32) produce<T>(&x_map, &w_map, &w2_map, p, info, ring, tid);
   } else {
     if constexpr (WGS > 1) ptx::setmaxnreg_inc<224>();
-    consume<T, WGS>(p, info, ring, act, staging, amax, tid - 128);
+    consume<T, WGS>(p, info, ring, act, staging, partial, amax, amax_cluster,
+                    ClusterExchange{exchange, p.split}, tid - 128);
   }
 }
 

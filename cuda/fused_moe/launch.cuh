@@ -23,37 +23,78 @@ struct FusedMoeLaunch {
 struct FusedMoeVariant {
   int tokens;
   int consumer_wgs;
-  int (*smem_bytes)(int stages, int block_m);
+  int (*smem_bytes)(int stages, int block_m, int split);
   int (*launch)(const FusedMoeLaunch& l, int smem_bytes);
+  // How many clusters of `split` CTAs of `smem_bytes` each the device can run at once.
+  int (*max_clusters)(int smem_bytes, int split, int* count);
 };
 
 template <int T, int WGS>
-int fused_moe_smem_bytes(int stages, int block_m) {
-  return SmemLayout<T, WGS>::total_bytes(stages, block_m);
+int fused_moe_smem_bytes(int stages, int block_m, int split) {
+  return SmemLayout<T, WGS>::total_bytes(stages, block_m, split);
 }
 
+// Raising the dynamic shared-memory limit is per function and per device; do it once per
+// device at the largest size any config can ask for rather than on every call.
 template <int T, int WGS>
-int fused_moe_launch(const FusedMoeLaunch& l, int smem_bytes) {
-  auto kernel = fused_moe_kernel<T, WGS>;
-  // Raising the dynamic shared-memory limit is per function and per device; do it once per
-  // device at the largest size any config can ask for rather than on every call.
+int configure_kernel() {
   constexpr int kMaxDevices = 64;
   static std::atomic<bool> configured[kMaxDevices];
+  auto kernel = fused_moe_kernel<T, WGS>;
   int device = 0;
   AMOE_CUDA(cudaGetDevice(&device));
   if (device >= kMaxDevices || !configured[device].load(std::memory_order_acquire)) {
     int optin = 0;
     AMOE_CUDA(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
     AMOE_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
+    // Clusters of more than 8 (split units) are beyond the portable size.
+    AMOE_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
     if (device < kMaxDevices) configured[device].store(true, std::memory_order_release);
   }
-  kernel<<<l.grid, (WGS + 1) * 128, smem_bytes, l.stream>>>(l.x_map, l.w_map, l.w2_map,
-                                                           l.params);
-  return check_cuda(cudaGetLastError(), "fused_moe_kernel launch");
+  return AMOE_OK;
 }
 
-#define AMOE_FUSED_MOE_VARIANT(T, WGS) \
-  FusedMoeVariant { T, WGS, fused_moe_smem_bytes<T, WGS>, fused_moe_launch<T, WGS> }
+// The launch configuration of one kernel: a cluster of `split` CTAs when split > 1.
+struct LaunchConfig {
+  cudaLaunchConfig_t config = {};
+  cudaLaunchAttribute cluster = {};
+  LaunchConfig(dim3 grid, int threads, int smem_bytes, cudaStream_t stream, int split) {
+    config.gridDim = grid;
+    config.blockDim = dim3(threads);
+    config.dynamicSmemBytes = smem_bytes;
+    config.stream = stream;
+    cluster.id = cudaLaunchAttributeClusterDimension;
+    cluster.val.clusterDim.x = split;
+    cluster.val.clusterDim.y = 1;
+    cluster.val.clusterDim.z = 1;
+    config.attrs = &cluster;
+    config.numAttrs = split > 1 ? 1 : 0;
+  }
+  LaunchConfig(const LaunchConfig&) = delete;  // config.attrs points into this object
+};
+
+template <int T, int WGS>
+int fused_moe_launch(const FusedMoeLaunch& l, int smem_bytes) {
+  AMOE_TRY((configure_kernel<T, WGS>()));
+  const LaunchConfig c(l.grid, (WGS + 1) * 128, smem_bytes, l.stream, l.params.split);
+  return check_cuda(cudaLaunchKernelEx(&c.config, fused_moe_kernel<T, WGS>, l.x_map, l.w_map,
+                                       l.w2_map, l.params),
+                    "fused_moe_kernel launch");
+}
+
+template <int T, int WGS>
+int fused_moe_max_clusters(int smem_bytes, int split, int* count) {
+  AMOE_TRY((configure_kernel<T, WGS>()));
+  const LaunchConfig c(dim3(split), (WGS + 1) * 128, smem_bytes, nullptr, split);
+  return check_cuda(cudaOccupancyMaxActiveClusters(count, fused_moe_kernel<T, WGS>, &c.config),
+                    "cudaOccupancyMaxActiveClusters");
+}
+
+#define AMOE_FUSED_MOE_VARIANT(T, WGS)                                                     \
+  FusedMoeVariant {                                                                        \
+    T, WGS, fused_moe_smem_bytes<T, WGS>, fused_moe_launch<T, WGS>,                        \
+        fused_moe_max_clusters<T, WGS>                                                     \
+  }
 
 // Defined in fused_moe_wg1.cu / fused_moe_wg2.cu (split so they compile in parallel).
 extern const FusedMoeVariant kVariantsWg1[];

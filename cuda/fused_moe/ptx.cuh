@@ -1,6 +1,6 @@
 // ptx.cuh: thin wrappers over the Hopper (sm_90a) instructions the fused kernel uses:
-// mbarriers, TMA bulk tensor copies, async-proxy fences, wgmma bookkeeping, named barriers,
-// setmaxnreg and the bf16x2 global reduction.
+// mbarriers, TMA bulk tensor copies, async-proxy fences, wgmma bookkeeping, cluster barriers and
+// distributed shared memory, named barriers, setmaxnreg and the bulk bf16 reduction.
 #pragma once
 
 #include <cuda.h>
@@ -112,6 +112,68 @@ __device__ __forceinline__ uint64_t sw128_desc(const void* p) {
   desc |= uint64_t(1024 >> 4) << 32;      // SBO: 8 rows x 128 bytes
   desc |= uint64_t(1) << 62;              // layout: 128-byte swizzle
   return desc;
+}
+
+// ---- clusters and distributed shared memory ----
+__device__ __forceinline__ uint32_t cluster_ctarank() {
+  uint32_t r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return r;
+}
+
+// The shared::cluster address of `p` (a shared-memory pointer of this CTA) in CTA `rank`.
+__device__ __forceinline__ uint32_t cluster_addr(const void* p, uint32_t rank) {
+  uint32_t out;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(out) : "r"(smem_addr(p)), "r"(rank));
+  return out;
+}
+
+__device__ __forceinline__ float4 ld_cluster_f32x4(uint32_t addr) {
+  float4 v;
+  asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];"
+               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+               : "r"(addr)
+               : "memory");
+  return v;
+}
+__device__ __forceinline__ uint32_t ld_cluster_u32(uint32_t addr) {
+  uint32_t v;
+  asm volatile("ld.shared::cluster.u32 %0, [%1];" : "=r"(v) : "r"(addr) : "memory");
+  return v;
+}
+__device__ __forceinline__ uint64_t ld_cluster_u64(uint32_t addr) {
+  uint64_t v;
+  asm volatile("ld.shared::cluster.u64 %0, [%1];" : "=l"(v) : "r"(addr) : "memory");
+  return v;
+}
+
+// Arrives on the mbarrier at shared::cluster address `addr` (another CTA's, or this one's),
+// releasing this thread's prior writes at cluster scope.
+__device__ __forceinline__ void mbar_arrive_cluster(uint32_t addr) {
+  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(addr)
+               : "memory");
+}
+
+// mbar_wait with cluster-scope acquire: writes released by other CTAs' arrivals are visible.
+__device__ __forceinline__ void mbar_wait_cluster(uint64_t* bar, uint32_t parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "wait_loop:\n"
+      "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra wait_loop;\n"
+      "}\n" ::"r"(smem_addr(bar)),
+      "r"(parity)
+      : "memory");
+}
+
+__device__ __forceinline__ void fence_acq_rel_cluster() {
+  asm volatile("fence.acq_rel.cluster;" ::: "memory");
+}
+
+// Every thread of every CTA in the cluster (barrier.cluster counts all non-exited threads).
+__device__ __forceinline__ void cluster_sync_all() {
+  asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;" ::: "memory");
 }
 
 // ---- named barriers, register reallocation ----

@@ -12,7 +12,7 @@ import { deviceInfo, probeHopperGpu } from "../src/device.ts";
 import { checkKernelConfig } from "../src/fused_moe.ts";
 import { DeviceMoeProblem } from "../src/problem.ts";
 import { makeRandomMoeProblem, type MoeWeights } from "../src/random.ts";
-import { memoryFloorBytes, Timer } from "../src/timing.ts";
+import { type L2Flush, memoryFloorBytes, Timer } from "../src/timing.ts";
 import { configKey, tokensPerExpert, unitsOfWork, worthSplitting } from "../src/tune.ts";
 
 const SHAPES = {
@@ -29,6 +29,7 @@ const HELP = `Usage: deno task bench:kernel [options]
   --block-m LIST      block_m values of the grid (default 8,16,32,64,128)
   --stages LIST       stages of the grid (default 2,3,4)
   --split LIST        splits of the grid (default 1,2,4,8,16; only those within two waves)
+  --flush HOW         how L2 is emptied before each launch: read (default), write, none
   --json FILE         write every measurement as JSON
   -h, --help`;
 
@@ -66,6 +67,7 @@ async function main(): Promise<number> {
       "block-m": { type: "string", default: "8,16,32,64,128" },
       stages: { type: "string", default: "2,3,4" },
       split: { type: "string", default: "1,2,4,8,16" },
+      flush: { type: "string", default: "read" },
       json: { type: "string" },
       help: { type: "boolean", short: "h", default: false },
     },
@@ -78,6 +80,10 @@ async function main(): Promise<number> {
   if (!probe.ok) {
     console.error(`bench:kernel needs a Hopper GPU: ${probe.reason}`);
     return 1;
+  }
+  if (!["read", "write", "none"].includes(values.flush)) {
+    console.error(`--flush must be read, write or none, got ${values.flush}`);
+    return 2;
   }
   const iterations = Number(values.iterations);
   const { name: card, smCount } = deviceInfo();
@@ -126,7 +132,7 @@ async function main(): Promise<number> {
           }
           const t = timer.time(
             () => dev.run(config, { stream: timer.stream, outIsZeroed: true }),
-            { iterations },
+            { iterations, flush: values.flush as L2Flush },
           );
           rows.push({ shape: name, ...s, M, config, us: t.medianUs, floorUs });
           if (!best || t.medianUs < best.us) best = { config, us: t.medianUs };

@@ -56,6 +56,10 @@ AMOE_API int amoe_memcpy_htod(void* dst, const void* src, size_t bytes);
 AMOE_API int amoe_memcpy_dtoh(void* dst, const void* src, size_t bytes);
 AMOE_API int amoe_memcpy_dtod_async(void* dst, const void* src, size_t bytes, void* stream);
 AMOE_API int amoe_memset_async(void* dst, int32_t value, size_t bytes, void* stream);
+/* Reads `bytes` (a multiple of 16, src 16-byte aligned) of src through L2 and discards them:
+ * an L2 flush that leaves clean lines (a memset leaves dirty ones, which the next kernel
+ * pays to write back). `sink`: 4 bytes of device memory the kernel may write. */
+AMOE_API int amoe_read_async(const void* src, size_t bytes, void* sink, void* stream);
 
 /* ---- streams, events, graphs ---- */
 AMOE_API int amoe_stream_create(void** stream);
@@ -85,7 +89,10 @@ AMOE_API int amoe_fused_moe_check_config(int32_t K, int32_t N, int32_t block_m, 
  * out[token] += topk_weight * scaling_factor * (requant(silu(gate) * up) @ w2[e]^T)
  * for every (token, slot) routed to expert e, in one launch. FP8 e4m3 operands with
  * per-token-group (x: 1x128) and block (w, w2: 128x128) f32 scales; `w` rows interleave
- * gate and up in chunks of 8; `out` bf16 [M, K] must be zero on entry. Asynchronous
+ * gate and up in chunks of 8; `out` bf16 [M, K] must be zero on entry. The routing arrays are
+ * moe_align_block_size's for this block_m: each expert's slots padded to a multiple of
+ * block_m, so at most M*top_k/block_m + min(num_experts, M*top_k) blocks are used (blocks
+ * past that are not read). Asynchronous
  * on `stream`; validates every argument before launching.
  */
 AMOE_API int amoe_fused_moe_w8a8_up_down(

@@ -3,6 +3,7 @@
 #include <cuda.h>
 #include <cudaTypedefs.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <atomic>
@@ -249,7 +250,14 @@ int amoe_fused_moe_w8a8_up_down(const void* x, const float* x_scale, const void*
                             w_scale, w2_scale, topk_weights,
                             static_cast<__nv_bfloat16*>(out), M, K, N, top_k, block_m, stages,
                             split, scaling_factor};
-  const int64_t ctas = int64_t((sorted_len + block_m - 1) / block_m) * (N / kSliceRows) * split;
+  // moe_align_block_size pads each expert's run of slots to a multiple of block_m, so at most
+  // floor(slots / block_m) + min(E, slots) blocks hold tokens; the rest of sorted_len is
+  // padding whose CTAs would only start and exit (at M=1 on E=257, 217 of 226 blocks: 13 waves
+  // of empty CTAs, most of the kernel's time).
+  const int64_t slots = int64_t(M) * top_k;
+  const int64_t blocks = std::min<int64_t>((int64_t(sorted_len) + block_m - 1) / block_m,
+                                           slots / block_m + std::min<int64_t>(num_experts, slots));
+  const int64_t ctas = blocks * (N / kSliceRows) * split;
   AMOE_REQUIRE(ctas <= INT32_MAX, "too many token blocks x N slices x split for one launch");
   l.grid = dim3(unsigned(ctas), 1, 1);
   l.stream = static_cast<cudaStream_t>(stream);

@@ -50,6 +50,8 @@ export const SYMBOLS = {
   },
   /** int amoe_memset_async(void* dst, int32_t value, size_t bytes, void* stream); */
   amoe_memset_async: { parameters: ["pointer", "i32", "usize", "pointer"], result: "i32" },
+  /** int amoe_read_async(const void* src, size_t bytes, void* sink, void* stream); */
+  amoe_read_async: { parameters: ["pointer", "usize", "pointer", "pointer"], result: "i32" },
 
   // ---- streams, events, graphs ----
   /** int amoe_stream_create(void** stream); */

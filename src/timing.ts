@@ -6,8 +6,10 @@
  *
  * @module
  */
+import { unwrap } from "../ffi/errors.ts";
+import { symbols } from "../ffi/library.ts";
 import { DeviceBuffer } from "./buffer.ts";
-import { CudaEvent, deviceInfo, Stream } from "./device.ts";
+import { CudaEvent, deviceInfo, Stream, streamHandle } from "./device.ts";
 
 /** One timed series. */
 export interface Timing {
@@ -23,9 +25,16 @@ export interface TimeOptions {
   warmup?: number;
   /** Timed launches; default 50. */
   iterations?: number;
-  /** Flush the L2 cache before each timed launch; default true. */
-  flushL2?: boolean;
+  /**
+   * How the L2 cache is emptied before each timed launch: `"read"` (default) reads a buffer of
+   * twice its size, leaving clean lines; `"write"` overwrites one (a memset, as many benchmarks
+   * do), leaving dirty lines the timed kernel then pays to write back; `"none"` keeps it.
+   */
+  flush?: L2Flush;
 }
+
+/** See {@link TimeOptions.flush}. */
+export type L2Flush = "read" | "write" | "none";
 
 function median(values: number[]): number {
   const s = [...values].sort((a, b) => a - b);
@@ -38,17 +47,30 @@ export class Timer implements Disposable {
   /** The stream timed work must be enqueued on. */
   readonly stream: Stream;
   readonly #flush: DeviceBuffer<"fp8_e4m3">;
+  readonly #sink: DeviceBuffer<"i32">;
 
   /** Creates a stream and an L2-flush buffer of twice the device's L2 size. */
   constructor() {
     this.stream = new Stream();
     const l2 = Math.max(deviceInfo().l2Bytes, 1 << 20);
-    this.#flush = DeviceBuffer.alloc("fp8_e4m3", [2 * l2]);
+    this.#flush = DeviceBuffer.alloc("fp8_e4m3", [Math.ceil(l2 / 8) * 16]);
+    this.#flush.zero(this.stream);
+    this.#sink = DeviceBuffer.alloc("i32", [4]);
   }
 
-  /** Overwrites the whole L2 cache with a memset (asynchronous, on {@link stream}). */
-  flushL2(): void {
-    this.#flush.zero(this.stream);
+  /** Empties the L2 cache (asynchronous, on {@link stream}); see {@link TimeOptions.flush}. */
+  flushL2(how: L2Flush = "read"): void {
+    if (how === "write") this.#flush.zero(this.stream);
+    if (how === "read") {
+      unwrap(
+        symbols().amoe_read_async(
+          this.#flush.pointer,
+          BigInt(this.#flush.bytes),
+          this.#sink.pointer,
+          streamHandle(this.stream),
+        ),
+      );
+    }
   }
 
   /**
@@ -58,14 +80,14 @@ export class Timer implements Disposable {
   time(launch: () => void, options: TimeOptions = {}): Timing {
     const warmup = options.warmup ?? 5;
     const iterations = options.iterations ?? 50;
-    const flush = options.flushL2 ?? true;
+    const flush = options.flush ?? "read";
     for (let i = 0; i < warmup; i++) launch();
     const events: [CudaEvent, CudaEvent][] = [];
     try {
       for (let i = 0; i < iterations; i++) {
         const pair: [CudaEvent, CudaEvent] = [new CudaEvent(), new CudaEvent()];
         events.push(pair);
-        if (flush) this.flushL2();
+        this.flushL2(flush);
         pair[0].record(this.stream);
         launch();
         pair[1].record(this.stream);
@@ -96,6 +118,7 @@ export class Timer implements Disposable {
   /** Frees the stream and the flush buffer. */
   [Symbol.dispose](): void {
     this.#flush[Symbol.dispose]();
+    this.#sink[Symbol.dispose]();
     this.stream[Symbol.dispose]();
   }
 }

@@ -1009,7 +1009,7 @@ async function measureBatches(ctx: BatchContext, reporter: TuneReporter): Promis
       const measure: MeasureFn = (config, run) =>
         timer.time(
           () => dev.run(config, { stream: timer.stream, outIsZeroed: true }),
-          { warmup: run.warmup, iterations: run.iterations, flushL2: true },
+          { warmup: run.warmup, iterations: run.iterations },
         ).samplesUs;
       const outcome = searchConfigs(ordered, measure, {
         rounds,
@@ -1030,7 +1030,7 @@ async function measureBatches(ctx: BatchContext, reporter: TuneReporter): Promis
         try {
           unfusedUs = timer.time(
             () => runUnfusedMoe(dev, blockM, ws, { stream: timer.stream }),
-            { warmup: 1, iterations: 5, flushL2: true },
+            { warmup: 1, iterations: 5 },
           ).medianUs;
         } catch (err) {
           if (!isConfigFailure(err)) throw err;

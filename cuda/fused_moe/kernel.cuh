@@ -38,9 +38,9 @@
 // which a fresh barrier reports as complete.
 //
 // Cluster exchanges use two mbarriers in each CTA, alternating, each completing when every
-// CTA of the cluster has arrived once (release at cluster scope, acquire in the wait). A CTA
-// can only reach exchange n+1 after all CTAs arrived for exchange n, so with two barriers an
-// early arrival never lands in the phase before the one it is meant for.
+// CTA of the cluster has arrived once (a cluster-scope fence before the arrivals, acquire in
+// the wait). A CTA can only reach exchange n+1 after all CTAs arrived for exchange n, so with
+// two barriers an early arrival never lands in the phase before the one it is meant for.
 //
 // Output. Each down tile's results (times the block scale, the activation scale, the top-k
 // weight and the scaling factor) are rounded to bf16 into a per-warpgroup staging tile, one
@@ -144,16 +144,24 @@ struct BlockInfo {
 };
 
 // A barrier over the consumer threads of every CTA in the cluster (see the protocol above).
+// One consumer thread per CTA fences, arrives and waits: cluster-scope fences and acquires
+// invalidate L1 (CCTL.IVALL in SASS), which every consumer thread doing it made a tenth of the
+// kernel's stall samples at M=1. The named barriers carry the ordering to the other threads.
 struct ClusterExchange {
   uint64_t* bars;  // [2], each expecting one arrival per CTA
   int split;
   uint32_t uses = 0;
   __device__ __forceinline__ void sync(int ctid, int threads) {
-    ptx::fence_acq_rel_cluster();
-    ptx::named_barrier_sync(1, threads);  // every consumer thread's writes precede the arrivals
-    uint64_t* bar = &bars[uses & 1];
-    if (ctid < split) ptx::mbar_arrive_cluster(ptx::cluster_addr(bar, ctid));
-    ptx::mbar_wait_cluster(bar, (uses >> 1) & 1);
+    ptx::named_barrier_sync(1, threads);  // every consumer thread's writes precede the fence
+    if (ctid == 0) {
+      uint64_t* bar = &bars[uses & 1];
+      ptx::fence_acq_rel_cluster();
+      for (int peer = 0; peer < split; ++peer) {
+        ptx::mbar_arrive_relaxed_cluster(ptx::cluster_addr(bar, peer));
+      }
+      ptx::mbar_wait_cluster(bar, (uses >> 1) & 1);
+    }
+    ptx::named_barrier_sync(1, threads);
     ++uses;
   }
 };

@@ -147,10 +147,10 @@ __device__ __forceinline__ uint64_t ld_cluster_u64(uint32_t addr) {
   return v;
 }
 
-// Arrives on the mbarrier at shared::cluster address `addr` (another CTA's, or this one's),
-// releasing this thread's prior writes at cluster scope.
-__device__ __forceinline__ void mbar_arrive_cluster(uint32_t addr) {
-  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(addr)
+// Arrives on the mbarrier at shared::cluster address `addr` (another CTA's, or this one's)
+// without ordering anything: put a fence_acq_rel_cluster before it.
+__device__ __forceinline__ void mbar_arrive_relaxed_cluster(uint32_t addr) {
+  asm volatile("mbarrier.arrive.relaxed.cluster.shared::cluster.b64 _, [%0];" ::"r"(addr)
                : "memory");
 }
 

@@ -30,8 +30,9 @@
 // tiles.
 //
 // Barrier protocol. full[s]: 32 producer-lane arrivals + the TMA transaction bytes (lane 0
-// raises the expected bytes before any copy); each lane arrives after writing its share of
-// the stage's scales, so the scales are ordered before the consumers' acquire. empty[s]: one
+// raises the expected bytes before any copy); each lane's arrival is made by the async-copy
+// unit once its share of the stage's scales has landed, so the scales are ordered before the
+// consumers' acquire. empty[s]: one
 // arrival per consumer thread, after its last read of the stage (its wgmmas have completed,
 // wgmma.wait_group 0, and its scale reads are done): every reader releases its own reads.
 // Phase parity flips each time the ring wraps; the producer's first pass waits on parity 1,
@@ -55,6 +56,7 @@
 #include <cuda_bf16.h>
 #include <cuda_fp8.h>
 
+#include <algorithm>
 #include <cstdint>
 
 #include "ptx.cuh"
@@ -139,8 +141,8 @@ struct BlockInfo {
   int kb_begin, kb_end;  // this CTA's share of the up projection's K blocks
   int dt_begin, dt_end;  // and of the down projection's 256-row output tiles
   int split, rank;       // CTAs sharing the unit, and this one's rank among them
-  const int32_t* tok_row;     // [block_m] output row of each sorted slot, or -1
-  const float* tok_weight;    // [block_m] topk weight * scaling factor
+  const int32_t* tok_row;  // [block_m] output row of each sorted slot, or -1
+  float* tok_weight;       // [block_m] topk weight * scaling factor (consume fills it in)
 };
 
 // A barrier over the consumer threads of every CTA in the cluster (see the protocol above).
@@ -174,25 +176,65 @@ __device__ __forceinline__ int sw128_offset(int row, int k) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Producer: one warp. Per stage, lane 0 raises the expected bytes and loads the weight tile,
-// every lane loads its share of token rows and writes its share of scales, then arrives.
+// Producer: one warp. Stage i of a sub-tile is up tile kb_begin + i for i < nkb, else down tile
+// dt_begin + i - nkb. Per stage, lane 0 raises the expected bytes and loads the weight tile,
+// every lane loads its share of token rows, and the stage's f32 scales are copied by the
+// async-copy unit (cp.async); each lane's arrival on the full barrier is deferred until its
+// copies have landed (cp.async.mbarrier.arrive). The producer never waits for a load: with
+// the scales read into registers one stage ahead, every stage waited a global-load latency,
+// which capped one CTA at about 50 GB/s whatever the ring depth.
+//
+// Weight tiles do not depend on the tokens, so the first pass through the ring (every slot
+// free) is issued by the kernel's prologue before the token rows are read (issue_first_pass).
+
+// Stages of the first pass of sub-tile 0: every one of them finds its slot free.
+__device__ __forceinline__ int first_pass_stages(const BlockInfo& b, int stages) {
+  return min(stages, (b.kb_end - b.kb_begin) + (b.dt_end - b.dt_begin));
+}
+
+// Raises the expected bytes of stage i's slot and loads its weight tile.
+__device__ __forceinline__ void issue_weight_tile(const CUtensorMap* w_map,
+                                                  const CUtensorMap* w2_map, const BlockInfo& b,
+                                                  uint8_t* st, uint64_t* full, int i) {
+  const int nkb = b.kb_end - b.kb_begin;
+  ptx::mbar_expect_tx(full, kWeightTileBytes);
+  if (i < nkb) {
+    ptx::tma_load_3d(st, w_map, full, (b.kb_begin + i) * kKBlock, b.slice * kSliceRows,
+                     b.expert);
+  } else {
+    ptx::tma_load_3d(st, w2_map, full, b.slice * kKBlock, (b.dt_begin + i - nkb) * kSliceRows,
+                     b.expert);
+  }
+}
+
+// Called by thread 0 (the producer's lane 0) right after the barriers are initialised.
+__device__ __forceinline__ void issue_first_pass(const CUtensorMap* x_map,
+                                                 const CUtensorMap* w_map,
+                                                 const CUtensorMap* w2_map, const BlockInfo& b,
+                                                 const Ring& ring) {
+  ptx::prefetch_tensor_map(x_map);
+  ptx::prefetch_tensor_map(w_map);
+  ptx::prefetch_tensor_map(w2_map);
+  const int first = first_pass_stages(b, ring.stages);
+  for (int i = 0; i < first; ++i) {
+    issue_weight_tile(w_map, w2_map, b, ring.base + i * ring.stage_bytes, &ring.full[i], i);
+  }
+}
+
 template <int T>
 __device__ __forceinline__ void produce(const CUtensorMap* x_map, const CUtensorMap* w_map,
                                         const CUtensorMap* w2_map, const FusedMoeParams& p,
                                         const BlockInfo& b, Ring ring, int lane) {
   using L = SmemLayout<T, 1>;  // the ring's layout does not depend on WGS
-  if (lane == 0) {
-    ptx::prefetch_tensor_map(x_map);
-    ptx::prefetch_tensor_map(w_map);
-    ptx::prefetch_tensor_map(w2_map);
-  }
   const int slices = p.N / kSliceRows;
   const float* ws_gate = p.w_scale + (size_t(b.expert) * (p.N / 128) + 2 * b.slice) * b.kblocks;
   const float* ws_up = ws_gate + b.kblocks;
   const float* w2s = p.w2_scale + size_t(b.expert) * b.kblocks * slices + b.slice;
-  // Scales are loaded one stage ahead into registers, so that a global load's latency never
-  // sits between an empty slot and its TMA copies. The loops stay rolled: the producer has 56
-  // registers after setmaxnreg, and unrolled copies of them spill.
+  const int nkb = b.kb_end - b.kb_begin;
+  const int stages_per_sub = nkb + (b.dt_end - b.dt_begin);
+  const int first = first_pass_stages(b, ring.stages);
+  // The loops stay rolled: the producer has 56 registers after setmaxnreg, and unrolled
+  // copies of them spill.
   constexpr int kPerLane = (T + 31) / 32;
   for (int sub = 0; sub < b.subtiles; ++sub) {
     const int t0 = sub * T;
@@ -206,71 +248,44 @@ __device__ __forceinline__ void produce(const CUtensorMap* x_map, const CUtensor
       const int i = lane + 32 * r;
       rows[r] = i < tcount ? b.tok_row[t0 + i] : -1;
     }
-    float xs[kPerLane], gate = 0.0f, up = 0.0f;
-    auto load_up_scales = [&](int kb) {
-#pragma unroll
-      for (int r = 0; r < kPerLane; ++r) {
-        xs[r] = rows[r] >= 0 ? p.x_scale[size_t(rows[r]) * b.kblocks + kb] : 0.0f;
-      }
-      if (lane == 0) {
-        gate = ws_gate[kb];
-        up = ws_up[kb];
-      }
-    };
-    if (b.kb_begin < b.kb_end) load_up_scales(b.kb_begin);
-
 #pragma unroll 1
-    for (int kb = b.kb_begin; kb < b.kb_end; ++kb) {
-      ptx::mbar_wait(&ring.empty[ring.stage], ring.phase ^ 1);
+    for (int i = 0; i < stages_per_sub; ++i) {
       uint8_t* st = ring.current();
       uint64_t* full = &ring.full[ring.stage];
-      if (lane == 0) {
-        ptx::mbar_expect_tx(full, kWeightTileBytes + loaded * kKBlock);
-        ptx::tma_load_3d(st, w_map, full, kb * kKBlock, b.slice * kSliceRows, b.expert);
+      if (!(sub == 0 && i < first)) {  // else issued by the prologue
+        ptx::mbar_wait(&ring.empty[ring.stage], ring.phase ^ 1);
+        if (lane == 0) issue_weight_tile(w_map, w2_map, b, st, full, i);
       }
+      // Scales: x scales [T] and gate, up for an up tile; w2 scales of the two 128-row halves
+      // (at T, T + 1) for a down tile. Absent ones are zero-filled (source size 0).
+      float* sc = reinterpret_cast<float*>(st + L::kScaleOffset);
+      if (i < nkb) {
+        const int kb = b.kb_begin + i;
+        if (lane == 0 && loaded > 0) ptx::mbar_expect_tx(full, loaded * kKBlock);
 #pragma unroll
-      for (int r = 0; r < kPerLane; ++r) {
-        if (rows[r] >= 0) {
-          ptx::tma_load_2d(st + L::kXOffset + (lane + 32 * r) * kKBlock, x_map, full,
-                           kb * kKBlock, rows[r]);
+        for (int r = 0; r < kPerLane; ++r) {
+          const int col = lane + 32 * r;
+          if (rows[r] >= 0) {
+            ptx::tma_load_2d(st + L::kXOffset + col * kKBlock, x_map, full, kb * kKBlock,
+                             rows[r]);
+          }
+          if (col < T) {
+            const bool live = rows[r] >= 0;
+            ptx::cp_async_4(sc + col, live ? p.x_scale + size_t(rows[r]) * b.kblocks + kb : ws_gate,
+                            live ? 4 : 0);
+          }
         }
+        if (lane == 0) {
+          ptx::cp_async_4(sc + T, ws_gate + kb, 4);
+          ptx::cp_async_4(sc + T + 1, ws_up + kb, 4);
+        }
+      } else if (lane == 0) {
+        const int half = 2 * (b.dt_begin + i - nkb);
+        ptx::cp_async_4(sc + T, w2s + size_t(half) * slices, 4);
+        const bool hi = half + 1 < b.kblocks;  // K % 256 == 128: the last tile has one half
+        ptx::cp_async_4(sc + T + 1, hi ? w2s + size_t(half + 1) * slices : w2s, hi ? 4 : 0);
       }
-      float* sc = reinterpret_cast<float*>(st + L::kScaleOffset);  // x scales [T], gate, up
-#pragma unroll
-      for (int r = 0; r < kPerLane; ++r) {
-        if (lane + 32 * r < T) sc[lane + 32 * r] = xs[r];
-      }
-      if (lane == 0) {
-        sc[T] = gate;
-        sc[T + 1] = up;
-      }
-      ptx::mbar_arrive(full);  // after this lane's scale writes
-      if (kb + 1 < b.kb_end) load_up_scales(kb + 1);
-      ring.advance();
-    }
-
-    float w2_lo = 0.0f, w2_hi = 0.0f;  // the w2 scales of a down tile's two 128-row halves
-    auto load_down_scales = [&](int dt) {
-      if (lane == 0) {
-        w2_lo = w2s[size_t(2 * dt) * slices];
-        w2_hi = 2 * dt + 1 < b.kblocks ? w2s[size_t(2 * dt + 1) * slices] : 0.0f;
-      }
-    };
-    if (b.dt_begin < b.dt_end) load_down_scales(b.dt_begin);
-#pragma unroll 1
-    for (int dt = b.dt_begin; dt < b.dt_end; ++dt) {
-      ptx::mbar_wait(&ring.empty[ring.stage], ring.phase ^ 1);
-      uint8_t* st = ring.current();
-      uint64_t* full = &ring.full[ring.stage];
-      if (lane == 0) {
-        ptx::mbar_expect_tx(full, kWeightTileBytes);
-        ptx::tma_load_3d(st, w2_map, full, b.slice * kKBlock, dt * kSliceRows, b.expert);
-        float* sc = reinterpret_cast<float*>(st + L::kScaleOffset) + T;
-        sc[0] = w2_lo;
-        sc[1] = w2_hi;
-      }
-      ptx::mbar_arrive(full);
-      if (dt + 1 < b.dt_end) load_down_scales(dt + 1);
+      ptx::cp_async_mbar_arrive(full);  // this lane's arrival, once its copies have landed
       ring.advance();
     }
   }
@@ -293,12 +308,21 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
   const int quad = lane % 4;
   const int row_in_warp = lane / 4;  // fragment rows row_in_warp and row_in_warp + 8
   const int wg_row0 = (ctid / 128) * kRowsPerWg;
+  // The top-k weight of each slot (the prologue left the slot id in its place); first read
+  // after the barrier that follows SwiGLU.
+  if (ctid < p.block_m) {
+    const int slot = reinterpret_cast<const int32_t*>(b.tok_weight)[ctid];
+    b.tok_weight[ctid] = slot >= 0 ? p.topk_weights[slot] * p.scaling_factor : 0.0f;
+  }
 
-  // Two buffers of FP8 partial sums, ping-pong: the tensor cores fill one while the other is
-  // promoted, so the promotion FMAs hide behind the next wgmma instead of waiting for it.
-  float acc[kTiles][kRegs];
-  float part[2][kRegs];
   constexpr int kUpSteps = kTiles * 4;  // (m64 tile, k32 step) pairs per stage
+  // Buffers of FP8 partial sums in flight: the tensor cores fill the next ones while the
+  // oldest is promoted. With few tokens a wgmma is short and its latency is what counts, so
+  // small T keeps more of them queued (up to 8, within 64 registers); 2 (ping-pong) for large T.
+  constexpr int kDepth = std::min({kUpSteps, 8, std::max(2, 64 / kRegs)});
+  constexpr int kDownDepth = std::min(kTiles, kDepth);
+  float acc[kTiles][kRegs];
+  float part[kDepth][kRegs];
 
   for (int sub = 0; sub < b.subtiles; ++sub) {
     const int t0 = sub * T;
@@ -317,24 +341,21 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
       const float* sc = reinterpret_cast<const float*>(st + L::kScaleOffset);
       const float ws_gate = sc[T];
       const float ws_up = sc[T + 1];
-      auto issue = [&](int g) {  // step g = m * 4 + ks into part[g & 1]
+      auto issue = [&](int g) {  // step g = m * 4 + ks into part[g % kDepth]
         ptx::wgmma_fence();
-        WgmmaFp8<T>::mma(part[g & 1],
+        WgmmaFp8<T>::mma(part[g % kDepth],
                          ptx::sw128_desc(st + (wg_row0 + (g / 4) * 64) * kKBlock + (g % 4) * 32),
                          ptx::sw128_desc(st + L::kXOffset + (g % 4) * 32), 0);
         ptx::wgmma_commit();
       };
-      issue(0);
+#pragma unroll
+      for (int g = 0; g < kDepth - 1; ++g) issue(g);
 #pragma unroll
       for (int g = 0; g < kUpSteps; ++g) {
-        if (g + 1 < kUpSteps) {
-          issue(g + 1);
-          ptx::wgmma_wait<1>();
-        } else {
-          ptx::wgmma_wait<0>();
-        }
-        ptx::fence_operands(part[g & 1]);
-        float(&done)[kRegs] = part[g & 1];
+        if (g + kDepth - 1 < kUpSteps) issue(g + kDepth - 1);
+        ptx::wgmma_wait_at_most(std::min(kDepth - 1, kUpSteps - 1 - g));  // step g is done
+        ptx::fence_operands(part[g % kDepth]);
+        float(&done)[kRegs] = part[g % kDepth];
         float(&into)[kRegs] = acc[g / 4];
         // Promote the FP8 partial sums to fp32 with both block scales.
 #pragma unroll
@@ -470,28 +491,25 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
       for (int m = 0; m < kTiles; ++m) tile_scale[m] = w2s[(wg_row0 + m * 64) / 128];
       if (warp == 0) ptx::bulk_wait_read();  // the last tile's rows have left the staging
       ptx::named_barrier_sync(wg_barrier, 128);
-      auto issue = [&](int m) {  // tile m's four k32 steps accumulate in part[m & 1]
+      auto issue = [&](int m) {  // tile m's four k32 steps accumulate in part[m % kDepth]
         ptx::wgmma_fence();
 #pragma unroll
         for (int ks = 0; ks < 4; ++ks) {
-          WgmmaFp8<T>::mma(part[m & 1],
+          WgmmaFp8<T>::mma(part[m % kDepth],
                            ptx::sw128_desc(st + (wg_row0 + m * 64) * kKBlock + ks * 32),
                            ptx::sw128_desc(act + ks * 32), ks);
         }
         ptx::wgmma_commit();
       };
-      issue(0);
+#pragma unroll
+      for (int m = 0; m < kDownDepth - 1; ++m) issue(m);
 #pragma unroll
       for (int m = 0; m < kTiles; ++m) {
-        if (m + 1 < kTiles) {
-          issue(m + 1);
-          ptx::wgmma_wait<1>();
-        } else {
-          ptx::wgmma_wait<0>();
-          ptx::mbar_arrive(&ring.empty[ring.stage]);  // every read of this stage is done
-        }
-        ptx::fence_operands(part[m & 1]);
-        const float(&y)[kRegs] = part[m & 1];
+        if (m + kDownDepth - 1 < kTiles) issue(m + kDownDepth - 1);
+        ptx::wgmma_wait_at_most(std::min(kDownDepth - 1, kTiles - 1 - m));  // tile m is done
+        if (m == kTiles - 1) ptx::mbar_arrive(&ring.empty[ring.stage]);  // every read is done
+        ptx::fence_operands(part[m % kDepth]);
+        const float(&y)[kRegs] = part[m % kDepth];
 
         const int local0 = m * 64 + warp * 16 + row_in_warp;  // column of out, within the WG
         const bool even = (row_in_warp & 1) == 0;
@@ -535,7 +553,10 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
   }
   if (warp == 0) ptx::bulk_wait();  // the reductions are complete before the CTA retires
   // No CTA leaves while a peer may still read its shared memory or arrive on its barriers.
-  if (b.split > 1) xc.sync(ctid, kConsumerThreads);
+  // barrier.cluster rather than another exchange: compute-sanitizer's racecheck understands it
+  // (with an exchange it reported every DSMEM read as a read of a block that may have exited),
+  // and the producer warps, which have exited by then, do not hold it up (PTX `exit`).
+  if (b.split > 1) ptx::cluster_sync_all();
 }
 
 // ---------------------------------------------------------------------------------------
@@ -551,8 +572,14 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
   const int slices = p.N / kSliceRows;
   const int unit = blockIdx.x / p.split;
   const int block = unit / slices;
-  if (block * p.block_m >= *p.num_tokens_post_padded) return;
+  const int tid = threadIdx.x;
+  // The routing values are independent loads (expert_ids and sorted_token_ids cover every
+  // block of the grid), issued together: one memory latency before the first TMA, not three.
+  // The top-k weights are needed last; the consumers load them (consume).
+  const int used = *p.num_tokens_post_padded;
   const int expert = p.expert_ids[block];
+  const int slot = tid < p.block_m ? p.sorted_token_ids[block * p.block_m + tid] : -1;
+  if (block * p.block_m >= used) return;
   if (expert < 0) return;  // expert not on this GPU: contributes nothing
 
   extern __shared__ uint8_t smem_raw[];
@@ -570,29 +597,6 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
   uint64_t* empty = full + p.stages;
   uint64_t* exchange = empty + p.stages;  // [2]
 
-  const int tid = threadIdx.x;
-  const int routed = p.M * p.top_k;
-  for (int i = tid; i < p.block_m; i += blockDim.x) {
-    const int id = p.sorted_token_ids[block * p.block_m + i];
-    const bool valid = id >= 0 && id < routed;
-    tok_row[i] = valid ? id / p.top_k : -1;
-    tok_weight[i] = valid ? p.topk_weights[id] * p.scaling_factor : 0.0f;
-  }
-  for (int i = tid; i < 2 * T; i += blockDim.x) amax[i] = 0;
-  if (tid == 0) {
-    for (int s = 0; s < p.stages; ++s) {
-      ptx::mbar_init(&full[s], kProducerLanes);
-      ptx::mbar_init(&empty[s], WGS * 128);
-    }
-    ptx::mbar_init(&exchange[0], p.split);
-    ptx::mbar_init(&exchange[1], p.split);
-    ptx::fence_barrier_init();
-  }
-  __syncthreads();
-  // Peers arrive on this CTA's exchange barriers and read its shared memory: all of the
-  // cluster must be running, with barriers initialised, before the first exchange.
-  if (p.split > 1) ptx::cluster_sync_all();
-
   const int kblocks = p.K / kKBlock;
   const int down_tiles = (p.K + kSliceRows - 1) / kSliceRows;
   const int rank = p.split > 1 ? int(ptx::cluster_ctarank()) : 0;
@@ -609,6 +613,26 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
                        tok_row,
                        tok_weight};
   const Ring ring{smem, full, empty, p.stages, L::kStageBytes};
+  if (tid == 0) {
+    for (int s = 0; s < p.stages; ++s) {
+      ptx::mbar_init(&full[s], kProducerLanes);
+      ptx::mbar_init(&empty[s], WGS * 128);
+    }
+    ptx::mbar_init(&exchange[0], p.split);
+    ptx::mbar_init(&exchange[1], p.split);
+    ptx::fence_barrier_init();
+    issue_first_pass(&x_map, &w_map, &w2_map, info, ring);  // while the token rows load
+  }
+  if (tid < p.block_m) {  // block_m <= 128 <= blockDim.x
+    const bool valid = slot >= 0 && slot < p.M * p.top_k;
+    tok_row[tid] = valid ? slot / p.top_k : -1;
+    reinterpret_cast<int32_t*>(tok_weight)[tid] = valid ? slot : -1;  // the slot until consume
+  }
+  for (int i = tid; i < 2 * T; i += blockDim.x) amax[i] = 0;
+  __syncthreads();
+  // Peers arrive on this CTA's exchange barriers and read its shared memory: all of the
+  // cluster must be running, with barriers initialised, before the first exchange.
+  if (p.split > 1) ptx::cluster_sync_all();
   // Each role is one branch of a single if/else, with no code after it: that is the shape
   // that lets setmaxnreg move registers from the producer warpgroup to the consumers (shared
   // code after the branches made ptxas spill),

@@ -1,5 +1,5 @@
 // ptx.cuh: thin wrappers over the Hopper (sm_90a) instructions the fused kernel uses:
-// mbarriers, TMA bulk tensor copies, async-proxy fences, wgmma bookkeeping, cluster barriers and
+// mbarriers, TMA bulk tensor copies, cp.async, async-proxy fences, wgmma bookkeeping, cluster barriers and
 // distributed shared memory, named barriers, setmaxnreg and the bulk bf16 reduction.
 #pragma once
 
@@ -77,6 +77,21 @@ __device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, u
       : "memory");
 }
 
+// ---- async copies (cp.async) ----
+// Copies 4 bytes from global to shared memory through the async-copy unit; src_bytes 0 writes
+// zeros instead (src must still be a valid address).
+__device__ __forceinline__ void cp_async_4(void* dst, const void* src, uint32_t src_bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(smem_addr(dst)), "l"(src),
+               "r"(src_bytes)
+               : "memory");
+}
+// One of the barrier's expected arrivals, made once all of this thread's earlier cp.async
+// copies have landed (.noinc: it is not an extra arrival).
+__device__ __forceinline__ void cp_async_mbar_arrive(uint64_t* bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(smem_addr(bar))
+               : "memory");
+}
+
 // Orders this thread's generic-proxy shared-memory writes before later async-proxy reads
 // (wgmma operands written with ordinary stores).
 __device__ __forceinline__ void fence_proxy_async_smem() {
@@ -94,6 +109,21 @@ template <int N>
 __device__ __forceinline__ void wgmma_wait() {
   asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(N) : "memory");
 }
+// wgmma_wait<n>, n in 0..7, for an n that is a constant only once the caller's loop is
+// unrolled (the switch folds away then).
+__device__ __forceinline__ void wgmma_wait_at_most(int n) {
+  switch (n) {
+    case 0: wgmma_wait<0>(); break;
+    case 1: wgmma_wait<1>(); break;
+    case 2: wgmma_wait<2>(); break;
+    case 3: wgmma_wait<3>(); break;
+    case 4: wgmma_wait<4>(); break;
+    case 5: wgmma_wait<5>(); break;
+    case 6: wgmma_wait<6>(); break;
+    default: wgmma_wait<7>(); break;
+  }
+}
+
 // Pins accumulator registers in place after a wait: the compiler sees the wgmma write them at
 // issue, so without this it may read them before the wgmma.wait_group that makes them valid.
 template <int N>

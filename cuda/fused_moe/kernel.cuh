@@ -39,8 +39,8 @@
 // which a fresh barrier reports as complete.
 //
 // Cluster exchanges use two mbarriers in each CTA, alternating, each completing when every
-// CTA of the cluster has arrived once (a cluster-scope fence before the arrivals, acquire in
-// the wait). A CTA can only reach exchange n+1 after all CTAs arrived for exchange n, so with
+// CTA of the cluster has arrived once (a shared-memory release fence before the arrivals, an
+// acquire fence after the wait). A CTA can only reach exchange n+1 after all CTAs arrived for exchange n, so with
 // two barriers an early arrival never lands in the phase before the one it is meant for.
 //
 // Output. Each down tile's results (times the block scale, the activation scale, the top-k
@@ -99,6 +99,8 @@ struct SmemLayout {
   static constexpr int kStageBytes = round_up(kScaleOffset + T * 4 + 8, 1024);
   // Output staging of one consumer warpgroup: a bf16 row of its 256/WGS output columns per
   // token, padded by 16 bytes so the four token rows a warp writes at once hit other banks.
+  // Two per warpgroup, alternating by down tile, so a tile's rows are written while the TMA
+  // engine still reads the previous tile's.
   static constexpr int kStagingRowBytes = kSliceRows / WGS * 2;
   static constexpr int kStagingStride = kStagingRowBytes + 16;
   static constexpr int kStagingBytes = T * kStagingStride;
@@ -109,7 +111,7 @@ struct SmemLayout {
   // Bytes after the ring: activation tile, output staging per warpgroup, [split > 1: partial
   // sums], two amax buffers and the cluster-wide amax, per-slot token row and weight.
   __host__ __device__ static constexpr int tail_bytes(int block_m, int split) {
-    return kTokenTileBytes + WGS * kStagingBytes + (split > 1 ? kPartialBytes : 0) + 3 * T * 4 +
+    return kTokenTileBytes + 2 * WGS * kStagingBytes + (split > 1 ? kPartialBytes : 0) + 3 * T * 4 +
            block_m * 8;
   }
   __host__ __device__ static constexpr int total_bytes(int stages, int block_m, int split) {
@@ -146,9 +148,10 @@ struct BlockInfo {
 };
 
 // A barrier over the consumer threads of every CTA in the cluster (see the protocol above).
-// One consumer thread per CTA fences, arrives and waits: cluster-scope fences and acquires
-// invalidate L1 (CCTL.IVALL in SASS), which every consumer thread doing it made a tenth of the
-// kernel's stall samples at M=1. The named barriers carry the ordering to the other threads.
+// One consumer thread per CTA fences, arrives and waits, with fences restricted to shared
+// memory: full cluster-scope fences and acquires are GPU-wide MEMBARs and L1 invalidations
+// in SASS, which every consumer thread doing them made a tenth of the kernel's stall samples
+// at M=1. The named barriers carry the ordering to the other threads.
 struct ClusterExchange {
   uint64_t* bars;  // [2], each expecting one arrival per CTA
   int split;
@@ -157,11 +160,12 @@ struct ClusterExchange {
     ptx::named_barrier_sync(1, threads);  // every consumer thread's writes precede the fence
     if (ctid == 0) {
       uint64_t* bar = &bars[uses & 1];
-      ptx::fence_acq_rel_cluster();
+      ptx::fence_release_cluster_smem();
       for (int peer = 0; peer < split; ++peer) {
         ptx::mbar_arrive_relaxed_cluster(ptx::cluster_addr(bar, peer));
       }
-      ptx::mbar_wait_cluster(bar, (uses >> 1) & 1);
+      ptx::mbar_wait_relaxed_cluster(bar, (uses >> 1) & 1);
+      ptx::fence_acquire_cluster_smem();
     }
     ptx::named_barrier_sync(1, threads);
     ++uses;
@@ -323,6 +327,8 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
   constexpr int kDownDepth = std::min(kTiles, kDepth);
   float acc[kTiles][kRegs];
   float part[kDepth][kRegs];
+  constexpr int kPeersInFlight = T <= 16 ? 8 : T <= 32 ? 4 : 1;  // DSMEM loads issued together
+  int down_tiles_done = 0;  // picks the staging buffer
 
   for (int sub = 0; sub < b.subtiles; ++sub) {
     const int t0 = sub * T;
@@ -383,20 +389,32 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
           mine[slot(m, q)] =
               make_float4(acc[m][4 * q], acc[m][4 * q + 1], acc[m][4 * q + 2], acc[m][4 * q + 3]);
         }
+      if (sub == 0) ptx::cluster_wait();  // the prologue's arrival: every peer is running
       xc.sync(ctid, kConsumerThreads);
 #pragma unroll
       for (int m = 0; m < kTiles; ++m) {
         const int group = wg_row0 / 16 + m * 4 + warp;
         if (group % b.split == b.rank) {
-          for (int peer = 0; peer < b.split; ++peer) {
-            if (peer == b.rank) continue;
+          // kPeersInFlight remote loads are issued before any is used: a loop of load-then-add
+          // paid one DSMEM round trip per peer.
+          for (int peer0 = 0; peer0 < b.split; peer0 += kPeersInFlight) {
 #pragma unroll
             for (int q = 0; q < kRegs / 4; ++q) {
-              const float4 v = ptx::ld_cluster_f32x4(ptx::cluster_addr(&mine[slot(m, q)], peer));
-              acc[m][4 * q] += v.x;
-              acc[m][4 * q + 1] += v.y;
-              acc[m][4 * q + 2] += v.z;
-              acc[m][4 * q + 3] += v.w;
+              float4 v[kPeersInFlight];
+#pragma unroll
+              for (int u = 0; u < kPeersInFlight; ++u) {
+                const int peer = peer0 + u;
+                v[u] = peer < b.split && peer != b.rank
+                           ? ptx::ld_cluster_f32x4(ptx::cluster_addr(&mine[slot(m, q)], peer))
+                           : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+              }
+#pragma unroll
+              for (int u = 0; u < kPeersInFlight; ++u) {
+                acc[m][4 * q] += v[u].x;
+                acc[m][4 * q + 1] += v[u].y;
+                acc[m][4 * q + 2] += v[u].z;
+                acc[m][4 * q + 3] += v[u].w;
+              }
             }
           }
         } else {
@@ -433,8 +451,16 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
       xc.sync(ctid, kConsumerThreads);
       if (ctid < T) {
         uint32_t m = 0;
-        for (int peer = 0; peer < b.split; ++peer) {
-          m = max(m, ptx::ld_cluster_u32(ptx::cluster_addr(&amax_cur[ctid], peer)));
+        for (int peer0 = 0; peer0 < b.split; peer0 += kPeersInFlight) {
+          uint32_t v[kPeersInFlight];
+#pragma unroll
+          for (int u = 0; u < kPeersInFlight; ++u) {
+            const int peer = peer0 + u;
+            v[u] = peer < b.split ? ptx::ld_cluster_u32(ptx::cluster_addr(&amax_cur[ctid], peer))
+                                  : 0u;
+          }
+#pragma unroll
+          for (int u = 0; u < kPeersInFlight; ++u) m = max(m, v[u]);
         }
         amax_cluster[ctid] = m;
       }
@@ -480,7 +506,7 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
     // Each warpgroup stages its bf16 results for the tile as one row per token and has the
     // TMA engine add whole rows into out (cp.reduce.async.bulk): one L2 operation per token
     // row instead of one atomic per pair of elements.
-    uint8_t* stage_out = staging + (ctid / 128) * L::kStagingBytes;
+    uint8_t* const my_staging = staging + (ctid / 128) * 2 * L::kStagingBytes;
     const uint32_t wg_barrier = 2 + ctid / 128;
     for (int dt = b.dt_begin; dt < b.dt_end; ++dt) {
       ptx::mbar_wait(&ring.full[ring.stage], ring.phase);
@@ -489,7 +515,9 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
       float tile_scale[kTiles];
 #pragma unroll
       for (int m = 0; m < kTiles; ++m) tile_scale[m] = w2s[(wg_row0 + m * 64) / 128];
-      if (warp == 0) ptx::bulk_wait_read();  // the last tile's rows have left the staging
+      uint8_t* stage_out = my_staging + (down_tiles_done++ & 1) * L::kStagingBytes;
+      // The rows of the tile before last (same buffer) have left it; the last tile's may not.
+      if (warp == 0) ptx::bulk_wait_read_all_but_last();
       ptx::named_barrier_sync(wg_barrier, 128);
       auto issue = [&](int m) {  // tile m's four k32 steps accumulate in part[m % kDepth]
         ptx::wgmma_fence();
@@ -586,8 +614,8 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
   // Swizzled tiles need 1024-byte alignment; dynamic shared memory only promises 16.
   uint8_t* smem = smem_raw + ((1024 - ptx::smem_addr(smem_raw) % 1024) % 1024);
   uint8_t* act = smem + p.stages * L::kStageBytes;  // FP8 intermediate, T x 128, swizzled
-  uint8_t* staging = act + L::kTokenTileBytes;  // [WGS][T][kStagingStride] bf16 rows
-  float* partial = reinterpret_cast<float*>(staging + WGS * L::kStagingBytes);  // split > 1
+  uint8_t* staging = act + L::kTokenTileBytes;  // [WGS][2][T][kStagingStride] bf16 rows
+  float* partial = reinterpret_cast<float*>(staging + 2 * WGS * L::kStagingBytes);  // split > 1
   uint32_t* amax = reinterpret_cast<uint32_t*>(reinterpret_cast<uint8_t*>(partial) +
                                                (p.split > 1 ? L::kPartialBytes : 0));  // [2][T]
   uint32_t* amax_cluster = amax + 2 * T;                                    // [T]
@@ -631,8 +659,10 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
   for (int i = tid; i < 2 * T; i += blockDim.x) amax[i] = 0;
   __syncthreads();
   // Peers arrive on this CTA's exchange barriers and read its shared memory: all of the
-  // cluster must be running, with barriers initialised, before the first exchange.
-  if (p.split > 1) ptx::cluster_sync_all();
+  // cluster must be running, with barriers initialised (fence_barrier_init released them),
+  // before the first exchange. Every thread arrives here; only the consumers wait, just
+  // before that exchange (consume).
+  if (p.split > 1) ptx::cluster_arrive_relaxed();
   // Each role is one branch of a single if/else, with no code after it: that is the shape
   // that lets setmaxnreg move registers from the producer warpgroup to the consumers (shared
   // code after the branches made ptxas spill),

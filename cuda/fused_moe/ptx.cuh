@@ -158,52 +158,71 @@ __device__ __forceinline__ uint32_t cluster_addr(const void* p, uint32_t rank) {
   return out;
 }
 
+// Remote loads carry no memory clobber so that several can be in flight; they stay ordered
+// with the exchanges, which are volatile asm with clobbers.
 __device__ __forceinline__ float4 ld_cluster_f32x4(uint32_t addr) {
   float4 v;
   asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];"
                : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
-               : "r"(addr)
-               : "memory");
+               : "r"(addr));
   return v;
 }
 __device__ __forceinline__ uint32_t ld_cluster_u32(uint32_t addr) {
   uint32_t v;
-  asm volatile("ld.shared::cluster.u32 %0, [%1];" : "=r"(v) : "r"(addr) : "memory");
+  asm volatile("ld.shared::cluster.u32 %0, [%1];" : "=r"(v) : "r"(addr));
   return v;
 }
 __device__ __forceinline__ uint64_t ld_cluster_u64(uint32_t addr) {
   uint64_t v;
-  asm volatile("ld.shared::cluster.u64 %0, [%1];" : "=l"(v) : "r"(addr) : "memory");
+  asm volatile("ld.shared::cluster.u64 %0, [%1];" : "=l"(v) : "r"(addr));
   return v;
 }
 
 // Arrives on the mbarrier at shared::cluster address `addr` (another CTA's, or this one's)
-// without ordering anything: put a fence_acq_rel_cluster before it.
+// without ordering anything: put a fence_release_cluster_smem before it.
 __device__ __forceinline__ void mbar_arrive_relaxed_cluster(uint32_t addr) {
   asm volatile("mbarrier.arrive.relaxed.cluster.shared::cluster.b64 _, [%0];" ::"r"(addr)
                : "memory");
 }
 
-// mbar_wait with cluster-scope acquire: writes released by other CTAs' arrivals are visible.
-__device__ __forceinline__ void mbar_wait_cluster(uint64_t* bar, uint32_t parity) {
+// mbar_wait without ordering: follow it with fence_acquire_cluster_smem.
+__device__ __forceinline__ void mbar_wait_relaxed_cluster(uint64_t* bar, uint32_t parity) {
   asm volatile(
       "{\n"
       ".reg .pred done;\n"
       "wait_loop:\n"
-      "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 done, [%0], %1;\n"
+      "mbarrier.try_wait.parity.relaxed.cluster.shared::cta.b64 done, [%0], %1;\n"
       "@!done bra wait_loop;\n"
       "}\n" ::"r"(smem_addr(bar)),
       "r"(parity)
       : "memory");
 }
 
-__device__ __forceinline__ void fence_acq_rel_cluster() {
-  asm volatile("fence.acq_rel.cluster;" ::: "memory");
+// Release and acquire restricted to shared memory, at cluster scope: the pair around a
+// remote mbarrier arrival and its wait that orders this CTA's shared-memory writes before
+// other CTAs' distributed-shared-memory reads. Unlike fence.acq_rel.cluster (a GPU-wide
+// MEMBAR plus an L1 invalidation in SASS) they do not wait on global memory.
+__device__ __forceinline__ void fence_release_cluster_smem() {
+  asm volatile("fence.release.sync_restrict::shared::cta.cluster;" ::: "memory");
+}
+__device__ __forceinline__ void fence_acquire_cluster_smem() {
+  asm volatile("fence.acquire.sync_restrict::shared::cluster.cluster;" ::: "memory");
 }
 
 // Every thread of every CTA in the cluster (barrier.cluster counts all non-exited threads).
 __device__ __forceinline__ void cluster_sync_all() {
   asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;" ::: "memory");
+}
+
+// The two halves of a cluster barrier, for work in between. The relaxed arrival has no
+// memory fence (a release arrival is a GPU-wide MEMBAR, which also waited for this thread's
+// TMA loads in flight: 4 µs at the kernel's start). Every thread that arrives must wait
+// before it arrives again, or exit.
+__device__ __forceinline__ void cluster_arrive_relaxed() {
+  asm volatile("barrier.cluster.arrive.relaxed;" ::: "memory");
+}
+__device__ __forceinline__ void cluster_wait() {
+  asm volatile("barrier.cluster.wait.acquire;" ::: "memory");
 }
 
 // ---- named barriers, register reallocation ----
@@ -233,9 +252,9 @@ __device__ __forceinline__ void bulk_reduce_add_bf16(void* out, const void* src,
 __device__ __forceinline__ void bulk_commit() {
   asm volatile("cp.async.bulk.commit_group;" ::: "memory");
 }
-// Waits until this thread's bulk operations have finished reading shared memory.
-__device__ __forceinline__ void bulk_wait_read() {
-  asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
+// Waits until all but this thread's most recent bulk group have finished reading shared memory.
+__device__ __forceinline__ void bulk_wait_read_all_but_last() {
+  asm volatile("cp.async.bulk.wait_group.read 1;" ::: "memory");
 }
 // Waits until this thread's bulk operations are complete.
 __device__ __forceinline__ void bulk_wait() {

@@ -8,12 +8,13 @@
  */
 import { parseArgs } from "node:util";
 import type { KernelConfig } from "../src/config.ts";
-import { deviceInfo, probeHopperGpu } from "../src/device.ts";
+import { deviceInfo } from "../src/device.ts";
 import { checkKernelConfig } from "../src/fused_moe.ts";
 import { DeviceMoeProblem } from "../src/problem.ts";
 import { makeRandomMoeProblem, type MoeWeights } from "../src/random.ts";
 import { type L2Flush, memoryFloorBytes, Timer } from "../src/timing.ts";
 import { configKey, tokensPerExpert, unitsOfWork, worthSplitting } from "../src/tune.ts";
+import { benchPreamble } from "./_cli.ts";
 
 const SHAPES = {
   ds: { E: 257, N: 256, K: 7168, topK: 9 },
@@ -72,15 +73,8 @@ async function main(): Promise<number> {
       help: { type: "boolean", short: "h", default: false },
     },
   });
-  if (values.help) {
-    console.log(HELP);
-    return 0;
-  }
-  const probe = probeHopperGpu();
-  if (!probe.ok) {
-    console.error(`bench:kernel needs a Hopper GPU: ${probe.reason}`);
-    return 1;
-  }
+  const stop = benchPreamble("bench:kernel", HELP, values.help);
+  if (stop !== undefined) return stop;
   if (!["read", "write", "none"].includes(values.flush)) {
     console.error(`--flush must be read, write or none, got ${values.flush}`);
     return 2;

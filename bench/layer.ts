@@ -22,11 +22,12 @@
 import { parseArgs } from "node:util";
 import { DeviceBuffer } from "../src/buffer.ts";
 import { encodeBf16 } from "../src/codecs.ts";
-import { deviceInfo, probeHopperGpu } from "../src/device.ts";
+import { deviceInfo } from "../src/device.ts";
 import { type ForwardPath, MoeLayer, timeForward } from "../src/layer.ts";
 import { prologueFits } from "../src/routing.ts";
 import { fillRandomFp8, randomLogUniform, randomNormal, Rng } from "../src/random.ts";
 import { Timer } from "../src/timing.ts";
+import { benchPreamble } from "./_cli.ts";
 
 const HELP = `Usage: deno task bench:layer [options]
   --m LIST          token counts (default 1)
@@ -52,15 +53,8 @@ function main(): number {
       help: { type: "boolean", short: "h", default: false },
     },
   });
-  if (values.help) {
-    console.log(HELP);
-    return 0;
-  }
-  const probe = probeHopperGpu();
-  if (!probe.ok) {
-    console.error(`bench:layer needs a Hopper GPU: ${probe.reason}`);
-    return 1;
-  }
+  const stop = benchPreamble("bench:layer", HELP, values.help);
+  if (stop !== undefined) return stop;
   const iterations = Number(values.iterations);
   const pathArg = values.path as typeof PATHS[number];
   if (!PATHS.includes(pathArg)) {

@@ -14,11 +14,12 @@
  */
 import { parseArgs } from "node:util";
 import { pickConfig } from "../src/config.ts";
-import { deviceInfo, probeHopperGpu } from "../src/device.ts";
+import { deviceInfo } from "../src/device.ts";
 import { DeviceMoeProblem } from "../src/problem.ts";
 import { makeRandomMoeProblem } from "../src/random.ts";
 import { memoryFloorBytes, Timer } from "../src/timing.ts";
 import { balancedTopkIds, configKey, MODEL_SHAPES, sliceProblem } from "../src/tune.ts";
+import { benchPreamble } from "./_cli.ts";
 
 const HELP = `Usage: deno task bench:targets [options]
   --shapes LIST        of ${Object.keys(MODEL_SHAPES).join(", ")} (default: all)
@@ -61,15 +62,8 @@ async function main(): Promise<number> {
       help: { type: "boolean", short: "h", default: false },
     },
   });
-  if (values.help) {
-    console.log(HELP);
-    return 0;
-  }
-  const probe = probeHopperGpu();
-  if (!probe.ok) {
-    console.error(`bench:targets needs a Hopper GPU: ${probe.reason}`);
-    return 1;
-  }
+  const stop = benchPreamble("bench:targets", HELP, values.help);
+  if (stop !== undefined) return stop;
   const tflops = values["fp8-tflops"] ? Number(values["fp8-tflops"]) : undefined;
   const iterations = Number(values.iterations);
   const Ms = values.m.split(",").map(Number);

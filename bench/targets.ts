@@ -65,6 +65,10 @@ async function main(): Promise<number> {
   const stop = benchPreamble("bench:targets", HELP, values.help);
   if (stop !== undefined) return stop;
   const tflops = values["fp8-tflops"] ? Number(values["fp8-tflops"]) : undefined;
+  if (tflops !== undefined && !(tflops > 0 && Number.isFinite(tflops))) {
+    console.error(`--fp8-tflops must be a positive number, got ${values["fp8-tflops"]}`);
+    return 2;
+  }
   const iterations = Number(values.iterations);
   const Ms = values.m.split(",").map(Number);
   const card = deviceInfo().name;

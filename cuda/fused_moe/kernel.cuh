@@ -32,16 +32,18 @@
 // Barrier protocol. full[s]: 32 producer-lane arrivals + the TMA transaction bytes (lane 0
 // raises the expected bytes before any copy); each lane's arrival is made by the async-copy
 // unit once its share of the stage's scales has landed, so the scales are ordered before the
-// consumers' acquire. empty[s]: one
-// arrival per consumer thread, after its last read of the stage (its wgmmas have completed,
-// wgmma.wait_group 0, and its scale reads are done): every reader releases its own reads.
-// Phase parity flips each time the ring wraps; the producer's first pass waits on parity 1,
-// which a fresh barrier reports as complete.
+// consumers' acquire. empty[s]: one arrival per consumer thread, after its last read of the
+// stage (its wgmmas have completed and its scale reads are done): every reader releases its
+// own reads. Phase parity flips each time the ring wraps; the producer's first pass waits on
+// parity 1, which a fresh barrier reports as complete (the prologue issues that pass's weight
+// tiles without waiting at all).
 //
 // Cluster exchanges use two mbarriers in each CTA, alternating, each completing when every
 // CTA of the cluster has arrived once (a shared-memory release fence before the arrivals, an
-// acquire fence after the wait). A CTA can only reach exchange n+1 after all CTAs arrived for exchange n, so with
-// two barriers an early arrival never lands in the phase before the one it is meant for.
+// acquire fence after the wait). A CTA can only reach exchange n+1 after all CTAs arrived for
+// exchange n, so with two barriers an early arrival never lands in the phase before the one
+// it is meant for. The cluster's barrier.cluster is used twice: arrived at (relaxed) by every
+// thread in the prologue and waited for before the first exchange, and around the exit.
 //
 // Output. Each down tile's results (times the block scale, the activation scale, the top-k
 // weight and the scaling factor) are rounded to bf16 into a per-warpgroup staging tile, one

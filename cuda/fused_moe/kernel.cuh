@@ -18,8 +18,8 @@
 // down-projection share. Three cluster exchanges per sub-tile (ClusterExchange); the result is
 // the same as with one CTA except for the order of the fp32 additions.
 //
-// Warp roles. Warpgroup 0 is the producer: one warp streams every operand with TMA into a
-// ring of `stages` shared-memory buffers. Warpgroups 1..WGS are consumers; each owns
+// Warp roles. Warpgroup 0 is the producer: its four warps stream every operand with TMA into
+// a ring of `stages` shared-memory buffers. Warpgroups 1..WGS are consumers; each owns
 // 256/WGS of the 256 weight rows of every stage.
 //
 // The ring. Each stage holds one 256x128-byte weight tile (w for the up projection: the
@@ -29,9 +29,9 @@
 // consumers: per sub-tile, the CTA's share of the K/128 up tiles, then of the ceil(K/256) down
 // tiles.
 //
-// Barrier protocol. full[s]: 32 producer-lane arrivals + the TMA transaction bytes (lane 0
-// raises the expected bytes before any copy); each lane's arrival is made by the async-copy
-// unit once its share of the stage's scales has landed, so the scales are ordered before the
+// Barrier protocol. full[s]: 128 producer-thread arrivals + the TMA transaction bytes (each
+// warp raises the expected bytes of its copies before issuing them); each thread's arrival is
+// made by the async-copy unit once its share of the stage's scales has landed, so the scales are ordered before the
 // consumers' acquire. empty[s]: one arrival per consumer thread, after its last read of the
 // stage (its wgmmas have completed and its scale reads are done): every reader releases its
 // own reads. Phase parity flips each time the ring wraps; the producer's first pass waits on
@@ -69,7 +69,7 @@ namespace amoe {
 constexpr int kSliceRows = 256;                         // weight rows per stage
 constexpr int kKBlock = 128;                            // K bytes per stage = one scale block
 constexpr int kWeightTileBytes = kSliceRows * kKBlock;  // 32 KiB
-constexpr int kProducerLanes = 32;
+constexpr int kProducerThreads = 128;  // warpgroup 0: every thread arrives on full[s]
 constexpr float kFp8Max = 448.0f;
 // The up projection promotes the FP8 partial sums to fp32 after every wgmma k32 step. Hopper's
 // FP8 accumulation keeps limited precision: promoting every 128 (DeepSeek's interval) left
@@ -182,10 +182,10 @@ __device__ __forceinline__ int sw128_offset(int row, int k) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Producer: one warp. Stage i of a sub-tile is up tile kb_begin + i for i < nkb, else down tile
-// dt_begin + i - nkb. Per stage, lane 0 raises the expected bytes and loads the weight tile,
-// every lane loads its share of token rows, and the stage's f32 scales are copied by the
-// async-copy unit (cp.async); each lane's arrival on the full barrier is deferred until its
+// Producer: warpgroup 0. Stage i of a sub-tile is up tile kb_begin + i for i < nkb, else down
+// tile dt_begin + i - nkb. Per stage, thread 0 loads the weight tile, every warp loads its
+// share of token rows, and the stage's f32 scales are copied by the async-copy unit
+// (cp.async); each thread's arrival on the full barrier is deferred until its
 // copies have landed (cp.async.mbarrier.arrive). The producer never waits for a load: with
 // the scales read into registers one stage ahead, every stage waited a global-load latency,
 // which capped one CTA at about 50 GB/s whatever the ring depth.
@@ -230,7 +230,7 @@ __device__ __forceinline__ void issue_first_pass(const CUtensorMap* x_map,
 template <int T>
 __device__ __forceinline__ void produce(const CUtensorMap* x_map, const CUtensorMap* w_map,
                                         const CUtensorMap* w2_map, const FusedMoeParams& p,
-                                        const BlockInfo& b, Ring ring, int lane) {
+                                        const BlockInfo& b, Ring ring, int ptid) {
   using L = SmemLayout<T, 1>;  // the ring's layout does not depend on WGS
   const int slices = p.N / kSliceRows;
   const float* ws_gate = p.w_scale + (size_t(b.expert) * (p.N / 128) + 2 * b.slice) * b.kblocks;
@@ -239,59 +239,56 @@ __device__ __forceinline__ void produce(const CUtensorMap* x_map, const CUtensor
   const int nkb = b.kb_end - b.kb_begin;
   const int stages_per_sub = nkb + (b.dt_end - b.dt_begin);
   const int first = first_pass_stages(b, ring.stages);
+  // Token column of this thread: warp w takes columns w * kColsPerWarp + lane. A TMA copy takes
+  // its coordinates in uniform registers, so a warp issues its lanes' row copies one after
+  // another (~7 instructions each); four warps issue them four at a time. With one warp, 64
+  // rows per stage kept it busy most of the time at T=64 and the consumers waited on it.
+  constexpr int kColsPerWarp = (T + 3) / 4;
+  const int lane = ptid % 32;
+  const int col = (ptid / 32) * kColsPerWarp + lane;
+  const bool has_col = lane < kColsPerWarp && col < T;
   // The loops stay rolled: the producer has 56 registers after setmaxnreg, and unrolled
   // copies of them spill.
-  constexpr int kPerLane = (T + 31) / 32;
   for (int sub = 0; sub < b.subtiles; ++sub) {
     const int t0 = sub * T;
     const int tcount = min(T, p.block_m - t0);
-    int loaded = 0;  // rows of this sub-tile that hold a real token
-#pragma unroll 1
-    for (int i = 0; i < tcount; ++i) loaded += b.tok_row[t0 + i] >= 0;
-    int rows[kPerLane];  // token row of each of this lane's columns, or -1
-#pragma unroll
-    for (int r = 0; r < kPerLane; ++r) {
-      const int i = lane + 32 * r;
-      rows[r] = i < tcount ? b.tok_row[t0 + i] : -1;
-    }
+    const int row = has_col && col < tcount ? b.tok_row[t0 + col] : -1;  // -1: no token
+    const int loaded = __popc(__ballot_sync(0xffffffffu, row >= 0));      // this warp's rows
 #pragma unroll 1
     for (int i = 0; i < stages_per_sub; ++i) {
       uint8_t* st = ring.current();
       uint64_t* full = &ring.full[ring.stage];
       if (!(sub == 0 && i < first)) {  // else issued by the prologue
         ptx::mbar_wait(&ring.empty[ring.stage], ring.phase ^ 1);
-        if (lane == 0) issue_weight_tile(w_map, w2_map, b, st, full, i);
+        if (ptid == 0) issue_weight_tile(w_map, w2_map, b, st, full, i);
       }
       // Scales: x scales [T] and gate, up for an up tile; w2 scales of the two 128-row halves
       // (at T, T + 1) for a down tile. Absent ones are zero-filled (source size 0).
       float* sc = reinterpret_cast<float*>(st + L::kScaleOffset);
       if (i < nkb) {
         const int kb = b.kb_begin + i;
+        // Each warp raises the expected bytes of its own rows before copying them; the phase
+        // cannot complete before every producer thread has arrived (below).
         if (lane == 0 && loaded > 0) ptx::mbar_expect_tx(full, loaded * kKBlock);
-#pragma unroll
-        for (int r = 0; r < kPerLane; ++r) {
-          const int col = lane + 32 * r;
-          if (rows[r] >= 0) {
-            ptx::tma_load_2d(st + L::kXOffset + col * kKBlock, x_map, full, kb * kKBlock,
-                             rows[r]);
-          }
-          if (col < T) {
-            const bool live = rows[r] >= 0;
-            ptx::cp_async_4(sc + col, live ? p.x_scale + size_t(rows[r]) * b.kblocks + kb : ws_gate,
-                            live ? 4 : 0);
-          }
+        if (row >= 0) {
+          ptx::tma_load_2d(st + L::kXOffset + col * kKBlock, x_map, full, kb * kKBlock, row);
         }
-        if (lane == 0) {
+        if (has_col) {
+          const bool live = row >= 0;
+          ptx::cp_async_4(sc + col, live ? p.x_scale + size_t(row) * b.kblocks + kb : ws_gate,
+                          live ? 4 : 0);
+        }
+        if (ptid == 0) {
           ptx::cp_async_4(sc + T, ws_gate + kb, 4);
           ptx::cp_async_4(sc + T + 1, ws_up + kb, 4);
         }
-      } else if (lane == 0) {
+      } else if (ptid == 0) {
         const int half = 2 * (b.dt_begin + i - nkb);
         ptx::cp_async_4(sc + T, w2s + size_t(half) * slices, 4);
         const bool hi = half + 1 < b.kblocks;  // K % 256 == 128: the last tile has one half
         ptx::cp_async_4(sc + T + 1, hi ? w2s + size_t(half + 1) * slices : w2s, hi ? 4 : 0);
       }
-      ptx::cp_async_mbar_arrive(full);  // this lane's arrival, once its copies have landed
+      ptx::cp_async_mbar_arrive(full);  // this thread's arrival, once its copies have landed
       ring.advance();
     }
   }
@@ -346,9 +343,23 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
     for (int kb = b.kb_begin; kb < b.kb_end; ++kb) {
       ptx::mbar_wait(&ring.full[ring.stage], ring.phase);
       const uint8_t* st = ring.current();
-      const float* sc = reinterpret_cast<const float*>(st + L::kScaleOffset);
-      const float ws_gate = sc[T];
-      const float ws_up = sc[T + 1];
+      // The scale of each accumulator register (block scale of its gate or up row times its
+      // token's x scale), read once per stage: the steps' asm memory clobbers would otherwise
+      // reload and re-multiply them at every k32 step, twice the promotion's own FFMAs.
+      float scale[T / 8][4];
+      {
+        const float* sc = reinterpret_cast<const float*>(st + L::kScaleOffset);
+        const float ws_gate = sc[T];
+        const float ws_up = sc[T + 1];
+#pragma unroll
+        for (int j = 0; j < T / 8; ++j) {
+          const float2 x2 = *reinterpret_cast<const float2*>(sc + j * 8 + quad * 2);
+          scale[j][0] = ws_gate * x2.x;
+          scale[j][1] = ws_gate * x2.y;
+          scale[j][2] = ws_up * x2.x;
+          scale[j][3] = ws_up * x2.y;
+        }
+      }
       auto issue = [&](int g) {  // step g = m * 4 + ks into part[g % kDepth]
         ptx::wgmma_fence();
         WgmmaFp8<T>::mma(part[g % kDepth],
@@ -365,15 +376,11 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
         ptx::fence_operands(part[g % kDepth]);
         float(&done)[kRegs] = part[g % kDepth];
         float(&into)[kRegs] = acc[g / 4];
-        // Promote the FP8 partial sums to fp32 with both block scales.
+        // Promote the FP8 partial sums to fp32 with both block scales: one FFMA each.
 #pragma unroll
-        for (int j = 0; j < T / 8; ++j) {
-          const float2 x2 = *reinterpret_cast<const float2*>(sc + j * 8 + quad * 2);
-          into[4 * j + 0] += done[4 * j + 0] * (ws_gate * x2.x);
-          into[4 * j + 1] += done[4 * j + 1] * (ws_gate * x2.y);
-          into[4 * j + 2] += done[4 * j + 2] * (ws_up * x2.x);
-          into[4 * j + 3] += done[4 * j + 3] * (ws_up * x2.y);
-        }
+        for (int j = 0; j < T / 8; ++j)
+#pragma unroll
+          for (int h = 0; h < 4; ++h) into[4 * j + h] += done[4 * j + h] * scale[j][h];
       }
       ptx::mbar_arrive(&ring.empty[ring.stage]);
       ring.advance();
@@ -519,7 +526,8 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
       for (int m = 0; m < kTiles; ++m) tile_scale[m] = w2s[(wg_row0 + m * 64) / 128];
       uint8_t* stage_out = my_staging + (down_tiles_done++ & 1) * L::kStagingBytes;
       // The rows of the tile before last (same buffer) have left it; the last tile's may not.
-      if (warp == 0) ptx::bulk_wait_read_all_but_last();
+      // Each thread waits for the reductions it issued.
+      ptx::bulk_wait_read_all_but_last();
       ptx::named_barrier_sync(wg_barrier, 128);
       auto issue = [&](int m) {  // tile m's four k32 steps accumulate in part[m % kDepth]
         ptx::wgmma_fence();
@@ -564,11 +572,14 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
       }
       ptx::fence_proxy_async_smem();  // the bulk reduction reads the staging through TMA
       ptx::named_barrier_sync(wg_barrier, 128);
-      if (warp == 0) {
+      // Token row t is sent by lane t / 4 of warp t % 4: a bulk copy takes its addresses in
+      // uniform registers, so a warp issues its lanes' copies one after another; from one
+      // warp, 64 rows kept the other three waiting at the barrier above.
+      {
         const int k_first = dt * kSliceRows + wg_row0;
         const int columns = min(kRowsPerWg, p.K - k_first);  // < kRowsPerWg when K % 256 == 128
         if (columns > 0) {
-          for (int t = lane; t < tcount; t += 32) {
+          for (int t = warp + 4 * lane; t < tcount; t += 128) {
             const int row = b.tok_row[t0 + t];
             if (row >= 0) {
               ptx::bulk_reduce_add_bf16(p.out + size_t(row) * p.K + k_first,
@@ -581,7 +592,7 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
       ring.advance();
     }
   }
-  if (warp == 0) ptx::bulk_wait();  // the reductions are complete before the CTA retires
+  ptx::bulk_wait();  // the reductions are complete before the CTA retires
   // No CTA leaves while a peer may still read its shared memory or arrive on its barriers.
   // barrier.cluster rather than another exchange: compute-sanitizer's racecheck understands it
   // (with an exchange it reported every DSMEM read as a read of a block that may have exited),
@@ -645,7 +656,7 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
   const Ring ring{smem, full, empty, p.stages, L::kStageBytes};
   if (tid == 0) {
     for (int s = 0; s < p.stages; ++s) {
-      ptx::mbar_init(&full[s], kProducerLanes);
+      ptx::mbar_init(&full[s], kProducerThreads);
       ptx::mbar_init(&empty[s], WGS * 128);
     }
     ptx::mbar_init(&exchange[0], p.split);
@@ -665,13 +676,12 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
   // before the first exchange. Every thread arrives here; only the consumers wait, just
   // before that exchange (consume).
   if (p.split > 1) ptx::cluster_arrive_relaxed();
-  // Each role is one branch of a single if/else, with no code after it: that is the shape
-  // that lets setmaxnreg move registers from the producer warpgroup to the consumers (shared
-  // code after the branches made ptxas spill),
-  // the setmaxnreg pair needs.
+  // Each role is one branch of a single if/else with no code after it, the shape in which
+  // setmaxnreg moves registers from the producer warpgroup to the consumers (shared code after
+  // the branches made ptxas spill).
   if (tid < 128) {
     if constexpr (WGS > 1) ptx::setmaxnreg_dec<56>();
-    if (tid < 32) produce<T>(&x_map, &w_map, &w2_map, p, info, ring, tid);
+    produce<T>(&x_map, &w_map, &w2_map, p, info, ring, tid);
   } else {
     if constexpr (WGS > 1) ptx::setmaxnreg_inc<224>();
     consume<T, WGS>(p, info, ring, act, staging, partial, amax, amax_cluster,

@@ -46,9 +46,10 @@
 // thread in the prologue and waited for before the first exchange, and around the exit.
 //
 // Output. Each down tile's results (times the block scale, the activation scale, the top-k
-// weight and the scaling factor) are rounded to bf16 into a per-warpgroup staging tile, one
-// row per token, and added into `out` by the TMA engine (cp.reduce.async.bulk .add.bf16):
-// one L2 operation per token row rather than one atomic per element pair.
+// weight and the scaling factor) are rounded to bf16 into a staging tile, one 256-column row
+// per token (each consumer warpgroup writes its columns), and added into `out` by the TMA
+// engine (cp.reduce.async.bulk .add.bf16): one L2 operation per token row and tile rather than
+// one atomic per element pair.
 //
 // Shared-memory tiles are K-major rows of 128 bytes with the 128-byte swizzle (TMA writes
 // them swizzled; the activation tile is written by hand in the same pattern).
@@ -99,11 +100,11 @@ struct SmemLayout {
   static constexpr int kXOffset = kWeightTileBytes;
   static constexpr int kScaleOffset = kXOffset + kTokenTileBytes;  // x scales [T], 2 w scales
   static constexpr int kStageBytes = round_up(kScaleOffset + T * 4 + 8, 1024);
-  // Output staging of one consumer warpgroup: a bf16 row of its 256/WGS output columns per
-  // token, padded by 16 bytes so the four token rows a warp writes at once hit other banks.
-  // Two per warpgroup, alternating by down tile, so a tile's rows are written while the TMA
-  // engine still reads the previous tile's.
-  static constexpr int kStagingRowBytes = kSliceRows / WGS * 2;
+  // Output staging: a bf16 row of the down tile's 256 output columns per token (each consumer
+  // warpgroup writes its 256/WGS of them), padded by 16 bytes so the four token rows a warp
+  // writes at once hit other banks. Two, alternating by down tile, so a tile's rows are
+  // written while the TMA engine still reads the previous tile's.
+  static constexpr int kStagingRowBytes = kSliceRows * 2;
   static constexpr int kStagingStride = kStagingRowBytes + 16;
   static constexpr int kStagingBytes = T * kStagingStride;
 
@@ -113,7 +114,7 @@ struct SmemLayout {
   // Bytes after the ring: activation tile, output staging per warpgroup, [split > 1: partial
   // sums], two amax buffers and the cluster-wide amax, per-slot token row and weight.
   __host__ __device__ static constexpr int tail_bytes(int block_m, int split) {
-    return kTokenTileBytes + 2 * WGS * kStagingBytes + (split > 1 ? kPartialBytes : 0) + 3 * T * 4 +
+    return kTokenTileBytes + 2 * kStagingBytes + (split > 1 ? kPartialBytes : 0) + 3 * T * 4 +
            block_m * 8;
   }
   __host__ __device__ static constexpr int total_bytes(int stages, int block_m, int split) {
@@ -512,11 +513,9 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
     ptx::named_barrier_sync(1, kConsumerThreads);
 
     // ---- down projection and weighted accumulation into out ----
-    // Each warpgroup stages its bf16 results for the tile as one row per token and has the
+    // The consumers stage the tile's bf16 results as one 256-column row per token and have the
     // TMA engine add whole rows into out (cp.reduce.async.bulk): one L2 operation per token
-    // row instead of one atomic per pair of elements.
-    uint8_t* const my_staging = staging + (ctid / 128) * 2 * L::kStagingBytes;
-    const uint32_t wg_barrier = 2 + ctid / 128;
+    // and tile, not one atomic per pair of elements nor one row per warpgroup.
     for (int dt = b.dt_begin; dt < b.dt_end; ++dt) {
       ptx::mbar_wait(&ring.full[ring.stage], ring.phase);
       const uint8_t* st = ring.current();
@@ -524,11 +523,11 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
       float tile_scale[kTiles];
 #pragma unroll
       for (int m = 0; m < kTiles; ++m) tile_scale[m] = w2s[(wg_row0 + m * 64) / 128];
-      uint8_t* stage_out = my_staging + (down_tiles_done++ & 1) * L::kStagingBytes;
+      uint8_t* stage_out = staging + (down_tiles_done++ & 1) * L::kStagingBytes;
       // The rows of the tile before last (same buffer) have left it; the last tile's may not.
       // Each thread waits for the reductions it issued.
       ptx::bulk_wait_read_all_but_last();
-      ptx::named_barrier_sync(wg_barrier, 128);
+      ptx::named_barrier_sync(1, kConsumerThreads);
       auto issue = [&](int m) {  // tile m's four k32 steps accumulate in part[m % kDepth]
         ptx::wgmma_fence();
 #pragma unroll
@@ -549,7 +548,7 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
         ptx::fence_operands(part[m % kDepth]);
         const float(&y)[kRegs] = part[m % kDepth];
 
-        const int local0 = m * 64 + warp * 16 + row_in_warp;  // column of out, within the WG
+        const int local0 = wg_row0 + m * 64 + warp * 16 + row_in_warp;  // column in the tile
         const bool even = (row_in_warp & 1) == 0;
 #pragma unroll
         for (int j = 0; j < T / 8; ++j) {
@@ -571,20 +570,19 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
         }
       }
       ptx::fence_proxy_async_smem();  // the bulk reduction reads the staging through TMA
-      ptx::named_barrier_sync(wg_barrier, 128);
-      // Token row t is sent by lane t / 4 of warp t % 4: a bulk copy takes its addresses in
-      // uniform registers, so a warp issues its lanes' copies one after another; from one
-      // warp, 64 rows kept the other three waiting at the barrier above.
+      ptx::named_barrier_sync(1, kConsumerThreads);
+      // Token row t is sent by lane t / W of consumer warp t % W (W warps): a bulk copy takes
+      // its addresses in uniform registers, so a warp issues its lanes' copies one after
+      // another; from one warp, 64 rows kept the others waiting at the barrier above.
       {
-        const int k_first = dt * kSliceRows + wg_row0;
-        const int columns = min(kRowsPerWg, p.K - k_first);  // < kRowsPerWg when K % 256 == 128
-        if (columns > 0) {
-          for (int t = warp + 4 * lane; t < tcount; t += 128) {
-            const int row = b.tok_row[t0 + t];
-            if (row >= 0) {
-              ptx::bulk_reduce_add_bf16(p.out + size_t(row) * p.K + k_first,
-                                        stage_out + t * L::kStagingStride, columns * 2);
-            }
+        constexpr int kWarps = kConsumerThreads / 32;
+        const int k_first = dt * kSliceRows;
+        const int columns = min(kSliceRows, p.K - k_first);  // 128 when K % 256 == 128
+        for (int t = ctid / 32 + kWarps * lane; t < tcount; t += kConsumerThreads) {
+          const int row = b.tok_row[t0 + t];
+          if (row >= 0) {
+            ptx::bulk_reduce_add_bf16(p.out + size_t(row) * p.K + k_first,
+                                      stage_out + t * L::kStagingStride, columns * 2);
           }
         }
         ptx::bulk_commit();
@@ -627,8 +625,8 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
   // Swizzled tiles need 1024-byte alignment; dynamic shared memory only promises 16.
   uint8_t* smem = smem_raw + ((1024 - ptx::smem_addr(smem_raw) % 1024) % 1024);
   uint8_t* act = smem + p.stages * L::kStageBytes;  // FP8 intermediate, T x 128, swizzled
-  uint8_t* staging = act + L::kTokenTileBytes;  // [WGS][2][T][kStagingStride] bf16 rows
-  float* partial = reinterpret_cast<float*>(staging + 2 * WGS * L::kStagingBytes);  // split > 1
+  uint8_t* staging = act + L::kTokenTileBytes;  // [2][T][kStagingStride] bf16 rows
+  float* partial = reinterpret_cast<float*>(staging + 2 * L::kStagingBytes);  // split > 1
   uint32_t* amax = reinterpret_cast<uint32_t*>(reinterpret_cast<uint8_t*>(partial) +
                                                (p.split > 1 ? L::kPartialBytes : 0));  // [2][T]
   uint32_t* amax_cluster = amax + 2 * T;                                    // [T]

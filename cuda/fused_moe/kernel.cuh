@@ -102,8 +102,8 @@ struct SmemLayout {
   static constexpr int kStageBytes = round_up(kScaleOffset + T * 4 + 8, 1024);
   // Output staging: a bf16 row of the down tile's 256 output columns per token (each consumer
   // warpgroup writes its 256/WGS of them), padded by 16 bytes so the four token rows a warp
-  // writes at once hit other banks. Two, alternating by down tile, so a tile's rows are
-  // written while the TMA engine still reads the previous tile's.
+  // writes at once hit other banks. One tile, not two alternating: the wait for the last
+  // tile's reductions overlaps this tile's wgmmas, and the bytes go to the ring instead.
   static constexpr int kStagingRowBytes = kSliceRows * 2;
   static constexpr int kStagingStride = kStagingRowBytes + 16;
   static constexpr int kStagingBytes = T * kStagingStride;
@@ -111,10 +111,10 @@ struct SmemLayout {
   // fp32 partial sums of the up projection that a split unit's CTAs exchange: kSliceRows x T.
   static constexpr int kPartialBytes = kSliceRows * T * 4;
 
-  // Bytes after the ring: activation tile, output staging per warpgroup, [split > 1: partial
+  // Bytes after the ring: activation tile, output staging, [split > 1: partial
   // sums], two amax buffers and the cluster-wide amax, per-slot token row and weight.
   __host__ __device__ static constexpr int tail_bytes(int block_m, int split) {
-    return kTokenTileBytes + 2 * kStagingBytes + (split > 1 ? kPartialBytes : 0) + 3 * T * 4 +
+    return kTokenTileBytes + kStagingBytes + (split > 1 ? kPartialBytes : 0) + 3 * T * 4 +
            block_m * 8;
   }
   __host__ __device__ static constexpr int total_bytes(int stages, int block_m, int split) {
@@ -328,7 +328,6 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
   float acc[kTiles][kRegs];
   float part[kDepth][kRegs];
   constexpr int kPeersInFlight = T <= 16 ? 8 : T <= 32 ? 4 : 1;  // DSMEM loads issued together
-  int down_tiles_done = 0;  // picks the staging buffer
 
   for (int sub = 0; sub < b.subtiles; ++sub) {
     const int t0 = sub * T;
@@ -523,11 +522,6 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
       float tile_scale[kTiles];
 #pragma unroll
       for (int m = 0; m < kTiles; ++m) tile_scale[m] = w2s[(wg_row0 + m * 64) / 128];
-      uint8_t* stage_out = staging + (down_tiles_done++ & 1) * L::kStagingBytes;
-      // The rows of the tile before last (same buffer) have left it; the last tile's may not.
-      // Each thread waits for the reductions it issued.
-      ptx::bulk_wait_read_all_but_last();
-      ptx::named_barrier_sync(1, kConsumerThreads);
       auto issue = [&](int m) {  // tile m's four k32 steps accumulate in part[m % kDepth]
         ptx::wgmma_fence();
 #pragma unroll
@@ -540,6 +534,10 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
       };
 #pragma unroll
       for (int m = 0; m < kDownDepth - 1; ++m) issue(m);
+      // The last tile's rows have left the staging tile (each thread waits for the reductions
+      // it issued), checked while this tile's first wgmmas run.
+      ptx::bulk_wait_read();
+      ptx::named_barrier_sync(1, kConsumerThreads);
 #pragma unroll
       for (int m = 0; m < kTiles; ++m) {
         if (m + kDownDepth - 1 < kTiles) issue(m + kDownDepth - 1);
@@ -565,7 +563,7 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
             const int col = j * 8 + quad * 2 + (even ? 0 : 1);
             const __nv_bfloat162 pair =
                 even ? __floats2bfloat162_rn(v0, got) : __floats2bfloat162_rn(got, v1);
-            *reinterpret_cast<__nv_bfloat162*>(stage_out + col * L::kStagingStride + k * 2) = pair;
+            *reinterpret_cast<__nv_bfloat162*>(staging + col * L::kStagingStride + k * 2) = pair;
           }
         }
       }
@@ -582,7 +580,7 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
           const int row = b.tok_row[t0 + t];
           if (row >= 0) {
             ptx::bulk_reduce_add_bf16(p.out + size_t(row) * p.K + k_first,
-                                      stage_out + t * L::kStagingStride, columns * 2);
+                                      staging + t * L::kStagingStride, columns * 2);
           }
         }
         ptx::bulk_commit();
@@ -625,8 +623,8 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
   // Swizzled tiles need 1024-byte alignment; dynamic shared memory only promises 16.
   uint8_t* smem = smem_raw + ((1024 - ptx::smem_addr(smem_raw) % 1024) % 1024);
   uint8_t* act = smem + p.stages * L::kStageBytes;  // FP8 intermediate, T x 128, swizzled
-  uint8_t* staging = act + L::kTokenTileBytes;  // [2][T][kStagingStride] bf16 rows
-  float* partial = reinterpret_cast<float*>(staging + 2 * L::kStagingBytes);  // split > 1
+  uint8_t* staging = act + L::kTokenTileBytes;  // [T][kStagingStride] bf16 rows
+  float* partial = reinterpret_cast<float*>(staging + L::kStagingBytes);  // split > 1
   uint32_t* amax = reinterpret_cast<uint32_t*>(reinterpret_cast<uint8_t*>(partial) +
                                                (p.split > 1 ? L::kPartialBytes : 0));  // [2][T]
   uint32_t* amax_cluster = amax + 2 * T;                                    // [T]

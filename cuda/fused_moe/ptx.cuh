@@ -252,9 +252,9 @@ __device__ __forceinline__ void bulk_reduce_add_bf16(void* out, const void* src,
 __device__ __forceinline__ void bulk_commit() {
   asm volatile("cp.async.bulk.commit_group;" ::: "memory");
 }
-// Waits until all but this thread's most recent bulk group have finished reading shared memory.
-__device__ __forceinline__ void bulk_wait_read_all_but_last() {
-  asm volatile("cp.async.bulk.wait_group.read 1;" ::: "memory");
+// Waits until this thread's bulk operations have finished reading shared memory.
+__device__ __forceinline__ void bulk_wait_read() {
+  asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
 }
 // Waits until this thread's bulk operations are complete.
 __device__ __forceinline__ void bulk_wait() {

@@ -4,19 +4,19 @@
 // Work split. A unit of work is (token block, N slice): a block of `block_m` sorted token
 // slots that all go to one expert (moe_align_block_size layout) and a 256-row slice of the
 // interleaved gate/up weights, i.e. 128 gate + 128 up rows = one 128-wide requantisation
-// group of the intermediate. The token block is processed in sub-tiles of T tokens (T is the wgmma N
-// dimension: tokens sit on the N side, weights on the 64-row M side, "swap AB").
+// group of the intermediate. The token block is processed in sub-tiles of T tokens (T is the
+// wgmma N dimension: tokens sit on the N side, weights on the 64-row M side, "swap AB").
 //
 // Split units. With `split` > 1 a cluster of `split` CTAs shares one unit, so that few tokens
 // still spread the weight stream over many SMs. CTA r of the cluster takes the r-th share of
 // the up projection's K blocks and of the down projection's output tiles. Its fp32 partial sums
 // of the up projection go to its shared memory; the 16-row groups (8 gate/up pairs) of the
 // slice are dealt round-robin to the CTAs, and each sums its groups over every CTA's partials
-// through distributed shared memory, applies SwiGLU and takes the per-token amax of its pairs.
-// The amax is exchanged the same way, each CTA quantises its pairs into its activation tile,
-// and then copies the other pairs from their owners, so every CTA holds the whole tile for its
-// down-projection share. Three cluster exchanges per sub-tile (ClusterExchange); the result is
-// the same as with one CTA except for the order of the fp32 additions.
+// through distributed shared memory and applies SwiGLU. Every CTA then copies the SwiGLU
+// outputs of the pairs it does not own from their owners, and takes the per-token amax and
+// writes the whole FP8 activation tile for its down-projection share by itself. Two cluster
+// exchanges per sub-tile (ClusterExchange); the result is the same as with one CTA except for
+// the order of the fp32 additions.
 //
 // Warp roles. Warpgroup 0 is the producer: its four warps stream every operand with TMA into
 // a ring of `stages` shared-memory buffers. Warpgroups 1..WGS are consumers; each owns
@@ -29,14 +29,14 @@
 // consumers: per sub-tile, the CTA's share of the K/128 up tiles, then of the ceil(K/256) down
 // tiles.
 //
-// Barrier protocol. full[s]: 128 producer-thread arrivals + the TMA transaction bytes (each
-// warp raises the expected bytes of its copies before issuing them); each thread's arrival is
-// made by the async-copy unit once its share of the stage's scales has landed, so the scales are ordered before the
-// consumers' acquire. empty[s]: one arrival per consumer thread, after its last read of the
-// stage (its wgmmas have completed and its scale reads are done): every reader releases its
-// own reads. Phase parity flips each time the ring wraps; the producer's first pass waits on
-// parity 1, which a fresh barrier reports as complete (the prologue issues that pass's weight
-// tiles without waiting at all).
+// Barrier protocol. full[s]: 128 producer-thread arrivals + the TMA transaction bytes (each warp
+// raises the expected bytes of its copies before issuing them); each thread's arrival is made by
+// the async-copy unit once its share of the stage's scales has landed, so the scales are ordered
+// before the consumers' acquire. empty[s]: one arrival per consumer thread, after its last read of
+// the stage (its wgmmas have completed and its scale reads are done): every reader releases its own
+// reads. Phase parity flips each time the ring wraps; the producer's first pass waits on parity 1,
+// which a fresh barrier reports as complete (the prologue issues that pass's weight tiles without
+// waiting at all).
 //
 // Cluster exchanges use two mbarriers in each CTA, alternating, each completing when every
 // CTA of the cluster has arrived once (a shared-memory release fence before the arrivals, an
@@ -108,13 +108,14 @@ struct SmemLayout {
   static constexpr int kStagingStride = kStagingRowBytes + 16;
   static constexpr int kStagingBytes = T * kStagingStride;
 
-  // fp32 partial sums of the up projection that a split unit's CTAs exchange: kSliceRows x T.
-  static constexpr int kPartialBytes = kSliceRows * T * 4;
+  // What a split unit's CTAs exchange: the fp32 partial sums of the up projection (kSliceRows
+  // x T) and the SwiGLU outputs of the pairs each owns (kSliceRows / 2 x T).
+  static constexpr int kPartialBytes = (kSliceRows + kSliceRows / 2) * T * 4;
 
-  // Bytes after the ring: activation tile, output staging, [split > 1: partial
-  // sums], two amax buffers and the cluster-wide amax, per-slot token row and weight.
+  // Bytes after the ring: activation tile, output staging, [split > 1: partial sums], two amax
+  // buffers, per-slot token row and weight.
   __host__ __device__ static constexpr int tail_bytes(int block_m, int split) {
-    return kTokenTileBytes + kStagingBytes + (split > 1 ? kPartialBytes : 0) + 3 * T * 4 +
+    return kTokenTileBytes + kStagingBytes + (split > 1 ? kPartialBytes : 0) + 2 * T * 4 +
            block_m * 8;
   }
   __host__ __device__ static constexpr int total_bytes(int stages, int block_m, int split) {
@@ -300,7 +301,7 @@ __device__ __forceinline__ void produce(const CUtensorMap* x_map, const CUtensor
 template <int T, int WGS>
 __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo& b, Ring ring,
                                         uint8_t* act, uint8_t* staging, float* partial,
-                                        uint32_t* amax, uint32_t* amax_cluster,
+                                        uint32_t* amax,
                                         ClusterExchange xc, int ctid) {
   using L = SmemLayout<T, WGS>;
   constexpr int kRowsPerWg = kSliceRows / WGS;
@@ -387,10 +388,13 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
     }
 
     // ---- split unit: sum the partials of this CTA's 16-row groups over the cluster ----
+    // Thread-major slots: the same (thread, tile, register) place in every CTA's buffer.
+    float4* const mine = reinterpret_cast<float4*>(partial);
+    float2* const h_mine = reinterpret_cast<float2*>(partial + kSliceRows * T);
+    auto slot = [&](int m, int q) { return (m * (kRegs / 4) + q) * kConsumerThreads + ctid; };
+    auto h_slot = [&](int m, int j) { return (m * (T / 8) + j) * kConsumerThreads + ctid; };
+    auto group_of = [&](int m) { return wg_row0 / 16 + m * 4 + warp; };
     if (b.split > 1) {
-      // Thread-major float4s: the same (thread, tile, register) slot in every CTA.
-      float4* mine = reinterpret_cast<float4*>(partial);
-      auto slot = [&](int m, int q) { return (m * (kRegs / 4) + q) * kConsumerThreads + ctid; };
 #pragma unroll
       for (int m = 0; m < kTiles; ++m)
 #pragma unroll
@@ -402,8 +406,7 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
       xc.sync(ctid, kConsumerThreads);
 #pragma unroll
       for (int m = 0; m < kTiles; ++m) {
-        const int group = wg_row0 / 16 + m * 4 + warp;
-        if (group % b.split == b.rank) {
+        if (group_of(m) % b.split == b.rank) {
           // kPeersInFlight remote loads are issued before any is used: a loop of load-then-add
           // paid one DSMEM round trip per peer.
           for (int peer0 = 0; peer0 < b.split; peer0 += kPeersInFlight) {
@@ -426,21 +429,51 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
               }
             }
           }
-        } else {
-#pragma unroll
-          for (int r = 0; r < kRegs; ++r) acc[m][r] = 0.0f;  // another CTA's pairs
         }
       }
     }
 
     // ---- SwiGLU in registers: fragment rows r (gate) and r + 8 (up) pair up ----
 #pragma unroll
-    for (int j = 0; j < T / 8; ++j) {
-      float m0 = 0.0f, m1 = 0.0f;
+    for (int j = 0; j < T / 8; ++j)
 #pragma unroll
       for (int m = 0; m < kTiles; ++m) {
         acc[m][4 * j + 0] = silu(acc[m][4 * j + 0]) * acc[m][4 * j + 2];
         acc[m][4 * j + 1] = silu(acc[m][4 * j + 1]) * acc[m][4 * j + 3];
+      }
+    if (b.split > 1) {
+      // The owners publish their pairs' SwiGLU outputs (fp32, 512 T bytes for the slice) and
+      // every CTA copies the pairs it does not own, so each holds all 128 intermediates and
+      // takes the amax and writes the FP8 tile by itself. Two exchanges per sub-tile; with
+      // the amax and the FP8 tile traded separately it was three (~1 µs each at M=1). A peer
+      // rewrites its partial sums only after the exchange below and its SwiGLU outputs only
+      // after the next sub-tile's first one; every CTA reaches each after its reads.
+#pragma unroll
+      for (int m = 0; m < kTiles; ++m)
+#pragma unroll
+        for (int j = 0; j < T / 8; ++j) {
+          h_mine[h_slot(m, j)] = make_float2(acc[m][4 * j + 0], acc[m][4 * j + 1]);
+        }
+      xc.sync(ctid, kConsumerThreads);
+#pragma unroll
+      for (int m = 0; m < kTiles; ++m) {
+        const int owner = group_of(m) % b.split;
+        if (owner != b.rank) {
+#pragma unroll
+          for (int j = 0; j < T / 8; ++j) {
+            const float2 h = ptx::ld_cluster_f32x2(ptx::cluster_addr(&h_mine[h_slot(m, j)], owner));
+            acc[m][4 * j + 0] = h.x;
+            acc[m][4 * j + 1] = h.y;
+          }
+        }
+      }
+    }
+    // The per-token amax over the slice's 128 intermediates.
+#pragma unroll
+    for (int j = 0; j < T / 8; ++j) {
+      float m0 = 0.0f, m1 = 0.0f;
+#pragma unroll
+      for (int m = 0; m < kTiles; ++m) {
         m0 = fmaxf(m0, fabsf(acc[m][4 * j + 0]));
         m1 = fmaxf(m1, fabsf(acc[m][4 * j + 1]));
       }
@@ -455,26 +488,6 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
         atomicMax(&amax_cur[j * 8 + quad * 2 + 1], __float_as_uint(m1));
       }
     }
-    const uint32_t* amax_all = amax_cur;
-    if (b.split > 1) {  // the amax over every CTA's pairs
-      xc.sync(ctid, kConsumerThreads);
-      if (ctid < T) {
-        uint32_t m = 0;
-        for (int peer0 = 0; peer0 < b.split; peer0 += kPeersInFlight) {
-          uint32_t v[kPeersInFlight];
-#pragma unroll
-          for (int u = 0; u < kPeersInFlight; ++u) {
-            const int peer = peer0 + u;
-            v[u] = peer < b.split ? ptx::ld_cluster_u32(ptx::cluster_addr(&amax_cur[ctid], peer))
-                                  : 0u;
-          }
-#pragma unroll
-          for (int u = 0; u < kPeersInFlight; ++u) m = max(m, v[u]);
-        }
-        amax_cluster[ctid] = m;
-      }
-      amax_all = amax_cluster;
-    }
     ptx::named_barrier_sync(1, kConsumerThreads);
 
     // ---- re-quantise per token over the slice's 128 intermediates; write the B tile ----
@@ -484,7 +497,7 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
         const int col = j * 8 + quad * 2 + h;
-        const float scale = fmaxf(__uint_as_float(amax_all[col]), 1e-10f) / kFp8Max;
+        const float scale = fmaxf(__uint_as_float(amax_cur[col]), 1e-10f) / kFp8Max;
         const bool live = col < tcount;
         col_factor[j][h] = live ? b.tok_weight[t0 + col] * scale : 0.0f;
 #pragma unroll
@@ -498,16 +511,6 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
       }
     }
     if (ctid < T) amax[((sub + 1) & 1) * T + ctid] = 0;  // the other buffer is free now
-    if (b.split > 1) {  // copy the other CTAs' pairs (8 bytes per group and token)
-      xc.sync(ctid, kConsumerThreads);
-      for (int i = ctid; i < T * 16; i += kConsumerThreads) {
-        const int t = i / 16, group = i % 16, owner = group % b.split;
-        if (owner != b.rank) {
-          uint8_t* at = act + sw128_offset(t, group * 8);
-          *reinterpret_cast<uint64_t*>(at) = ptx::ld_cluster_u64(ptx::cluster_addr(at, owner));
-        }
-      }
-    }
     ptx::fence_proxy_async_smem();
     ptx::named_barrier_sync(1, kConsumerThreads);
 
@@ -627,8 +630,7 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
   float* partial = reinterpret_cast<float*>(staging + L::kStagingBytes);  // split > 1
   uint32_t* amax = reinterpret_cast<uint32_t*>(reinterpret_cast<uint8_t*>(partial) +
                                                (p.split > 1 ? L::kPartialBytes : 0));  // [2][T]
-  uint32_t* amax_cluster = amax + 2 * T;                                    // [T]
-  int32_t* tok_row = reinterpret_cast<int32_t*>(amax_cluster + T);          // [block_m]
+  int32_t* tok_row = reinterpret_cast<int32_t*>(amax + 2 * T);             // [block_m]
   float* tok_weight = reinterpret_cast<float*>(tok_row + p.block_m);        // [block_m]
   uint64_t* full = reinterpret_cast<uint64_t*>(tok_weight + p.block_m);
   uint64_t* empty = full + p.stages;
@@ -680,7 +682,7 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
     produce<T>(&x_map, &w_map, &w2_map, p, info, ring, tid);
   } else {
     if constexpr (WGS > 1) ptx::setmaxnreg_inc<224>();
-    consume<T, WGS>(p, info, ring, act, staging, partial, amax, amax_cluster,
+    consume<T, WGS>(p, info, ring, act, staging, partial, amax,
                     ClusterExchange{exchange, p.split}, tid - 128);
   }
 }

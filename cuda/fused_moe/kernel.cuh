@@ -216,13 +216,9 @@ __device__ __forceinline__ void issue_weight_tile(const CUtensorMap* w_map,
 }
 
 // Called by thread 0 (the producer's lane 0) right after the barriers are initialised.
-__device__ __forceinline__ void issue_first_pass(const CUtensorMap* x_map,
-                                                 const CUtensorMap* w_map,
+__device__ __forceinline__ void issue_first_pass(const CUtensorMap* w_map,
                                                  const CUtensorMap* w2_map, const BlockInfo& b,
                                                  const Ring& ring) {
-  ptx::prefetch_tensor_map(x_map);
-  ptx::prefetch_tensor_map(w_map);
-  ptx::prefetch_tensor_map(w2_map);
   const int first = first_pass_stages(b, ring.stages);
   for (int i = 0; i < first; ++i) {
     issue_weight_tile(w_map, w2_map, b, ring.base + i * ring.stage_bytes, &ring.full[i], i);
@@ -613,6 +609,13 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
   const int unit = blockIdx.x / p.split;
   const int block = unit / slices;
   const int tid = threadIdx.x;
+  // The tensor maps' descriptors are fetched while the routing loads are in flight, not on
+  // the first TMA after them.
+  if (tid == 0) {
+    ptx::prefetch_tensor_map(&x_map);
+    ptx::prefetch_tensor_map(&w_map);
+    ptx::prefetch_tensor_map(&w2_map);
+  }
   // The routing values are independent loads (expert_ids and sorted_token_ids cover every
   // block of the grid), issued together: one memory latency before the first TMA, not three.
   // The top-k weights are needed last; the consumers load them (consume).
@@ -660,7 +663,7 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
     ptx::mbar_init(&exchange[0], p.split);
     ptx::mbar_init(&exchange[1], p.split);
     ptx::fence_barrier_init();
-    issue_first_pass(&x_map, &w_map, &w2_map, info, ring);  // while the token rows load
+    issue_first_pass(&w_map, &w2_map, info, ring);  // while the token rows load
   }
   if (tid < p.block_m) {  // block_m <= 128 <= blockDim.x
     const bool valid = slot >= 0 && slot < p.M * p.top_k;

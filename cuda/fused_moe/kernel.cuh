@@ -18,8 +18,8 @@
 // exchanges per sub-tile (ClusterExchange); the result is the same as with one CTA except for
 // the order of the fp32 additions.
 //
-// Warp roles. Warpgroup 0 is the producer: its four warps stream every operand with TMA into
-// a ring of `stages` shared-memory buffers. Warpgroups 1..WGS are consumers; each owns
+// Warp roles. Warpgroup 0 is the producer: its four warps stream every operand (tiles by TMA,
+// scales by cp.async) into a ring of `stages` shared-memory buffers. Warpgroups 1..WGS are consumers; each owns
 // 256/WGS of the 256 weight rows of every stage.
 //
 // The ring. Each stage holds one 256x128-byte weight tile (w for the up projection: the

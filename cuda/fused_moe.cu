@@ -135,6 +135,8 @@ struct MapKey {
   const void* base;
   uint64_t dims[3];
   uint32_t box[2];
+  uint32_t promote_l2;  // 1: CU_TENSOR_MAP_L2_PROMOTION_L2_256B, 0: none
+  uint32_t unused;      // keeps the key free of padding bytes
   bool operator==(const MapKey& o) const { return std::memcmp(this, &o, sizeof o) == 0; }
 };
 
@@ -167,7 +169,9 @@ int tensor_map(const MapKey& key, int rank, CUtensorMap* out) {
   CUtensorMap map;
   const CUresult r = encode(&map, CU_TENSOR_MAP_DATA_TYPE_UINT8, rank, const_cast<void*>(key.base),
                             dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                            CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                            CU_TENSOR_MAP_SWIZZLE_128B,
+                            key.promote_l2 ? CU_TENSOR_MAP_L2_PROMOTION_L2_256B
+                                           : CU_TENSOR_MAP_L2_PROMOTION_NONE,
                             CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (r != CUDA_SUCCESS) {
     return fail(AMOE_ERR_CUDA, "cuTensorMapEncodeTiled failed (CUresult %d) for a [%llu, %llu, %llu] tensor",
@@ -239,17 +243,20 @@ int amoe_fused_moe_w8a8_up_down(const void* x, const float* x_scale, const void*
   AMOE_CUDA(cudaGetDevice(&device));
   FusedMoeLaunch l;
   const uint32_t kb = kKBlock, rows = kSliceRows;
-  AMOE_TRY(tensor_map(MapKey{device, x, {uint64_t(K), uint64_t(M), 1}, {kb, 1}}, 2, &l.x_map));
-  AMOE_TRY(tensor_map(
-      MapKey{device, w, {uint64_t(K), uint64_t(N), uint64_t(num_experts)}, {kb, rows}}, 3,
-      &l.w_map));
-  AMOE_TRY(tensor_map(
-      MapKey{device, w2, {uint64_t(N / 2), uint64_t(K), uint64_t(num_experts)}, {kb, rows}}, 3,
-      &l.w2_map));
+  AMOE_TRY(tensor_map(MapKey{device, x, {uint64_t(K), uint64_t(M), 1}, {kb, 1}, 1}, 2, &l.x_map));
+  const uint64_t w_dims[3] = {uint64_t(K), uint64_t(N), uint64_t(num_experts)};
+  const uint64_t w2_dims[3] = {uint64_t(N / 2), uint64_t(K), uint64_t(num_experts)};
+  for (const uint32_t promote : {1u, 0u}) {  // the two versions of WeightMaps
+    AMOE_TRY(tensor_map(MapKey{device, w, {w_dims[0], w_dims[1], w_dims[2]}, {kb, rows}, promote},
+                        3, promote ? &l.weights.w : &l.weights.w_stream));
+    AMOE_TRY(tensor_map(
+        MapKey{device, w2, {w2_dims[0], w2_dims[1], w2_dims[2]}, {kb, rows}, promote}, 3,
+        promote ? &l.weights.w2 : &l.weights.w2_stream));
+  }
   l.params = FusedMoeParams{sorted_token_ids, expert_ids, num_tokens_post_padded, x_scale,
                             w_scale, w2_scale, topk_weights,
                             static_cast<__nv_bfloat16*>(out), M, K, N, top_k, block_m, stages,
-                            split, scaling_factor};
+                            split, sorted_len, scaling_factor};
   // moe_align_block_size pads each expert's run of slots to a multiple of block_m, so at most
   // floor(slots / block_m) + min(E, slots) blocks hold tokens; the rest of sorted_len is
   // padding whose CTAs would only start and exit (at M=1 on E=257, 217 of 226 blocks: 13 waves

@@ -88,6 +88,7 @@ struct FusedMoeParams {
   __nv_bfloat16* out;  // [M, K]
   int32_t M, K, N, top_k, block_m, stages;
   int32_t split;  // CTAs per cluster sharing one (token block, N slice) unit
+  int32_t sorted_len;  // entries of sorted_token_ids; expert_ids has ceil(sorted_len / block_m)
   float scaling_factor;
 };
 
@@ -147,6 +148,10 @@ struct BlockInfo {
   int kb_begin, kb_end;  // this CTA's share of the up projection's K blocks
   int dt_begin, dt_end;  // and of the down projection's 256-row output tiles
   int split, rank;       // CTAs sharing the unit, and this one's rank among them
+  // How thread 0, which issues the weight tiles, loads them (only its copy is meaningful):
+  bool streamed;  // a full block that is its expert's only one: nothing re-reads its weights
+  const CUtensorMap* w_map;   // WeightMaps: the promoted or the streaming version
+  const CUtensorMap* w2_map;
   const int32_t* tok_row;  // [block_m] output row of each sorted slot, or -1
   float* tok_weight;       // [block_m] topk weight * scaling factor (consume fills it in)
 };
@@ -200,34 +205,36 @@ __device__ __forceinline__ int first_pass_stages(const BlockInfo& b, int stages)
   return min(stages, (b.kb_end - b.kb_begin) + (b.dt_end - b.dt_begin));
 }
 
-// Raises the expected bytes of stage i's slot and loads its weight tile.
-__device__ __forceinline__ void issue_weight_tile(const CUtensorMap* w_map,
-                                                  const CUtensorMap* w2_map, const BlockInfo& b,
-                                                  uint8_t* st, uint64_t* full, int i) {
+// Raises the expected bytes of stage i's slot and loads its weight tile, with the L2 policy
+// of BlockInfo::streamed: the weights of a full block that is its expert's only one are read
+// by no other CTA (its N slices read disjoint rows) and go first when L2 needs room, ahead of
+// the token and output rows that other CTAs come back to. Several blocks of one expert run
+// side by side and each reads the weights: there, and in blocks of a few tokens, evict-first
+// cost up to 8 % (bench/NOTES.md, item 29).
+__device__ __forceinline__ void issue_weight_tile(const BlockInfo& b, uint8_t* st, uint64_t* full,
+                                                  int i) {
   const int nkb = b.kb_end - b.kb_begin;
+  const uint64_t policy = b.streamed ? ptx::policy_evict_first() : ptx::policy_evict_normal();
   ptx::mbar_expect_tx(full, kWeightTileBytes);
   if (i < nkb) {
-    ptx::tma_load_3d(st, w_map, full, (b.kb_begin + i) * kKBlock, b.slice * kSliceRows,
-                     b.expert);
+    ptx::tma_load_3d(st, b.w_map, full, (b.kb_begin + i) * kKBlock, b.slice * kSliceRows,
+                     b.expert, policy);
   } else {
-    ptx::tma_load_3d(st, w2_map, full, b.slice * kKBlock, (b.dt_begin + i - nkb) * kSliceRows,
-                     b.expert);
+    ptx::tma_load_3d(st, b.w2_map, full, b.slice * kKBlock, (b.dt_begin + i - nkb) * kSliceRows,
+                     b.expert, policy);
   }
 }
 
 // Called by thread 0 (the producer's lane 0) right after the barriers are initialised.
-__device__ __forceinline__ void issue_first_pass(const CUtensorMap* w_map,
-                                                 const CUtensorMap* w2_map, const BlockInfo& b,
-                                                 const Ring& ring) {
+__device__ __forceinline__ void issue_first_pass(const BlockInfo& b, const Ring& ring) {
   const int first = first_pass_stages(b, ring.stages);
   for (int i = 0; i < first; ++i) {
-    issue_weight_tile(w_map, w2_map, b, ring.base + i * ring.stage_bytes, &ring.full[i], i);
+    issue_weight_tile(b, ring.base + i * ring.stage_bytes, &ring.full[i], i);
   }
 }
 
 template <int T>
-__device__ __forceinline__ void produce(const CUtensorMap* x_map, const CUtensorMap* w_map,
-                                        const CUtensorMap* w2_map, const FusedMoeParams& p,
+__device__ __forceinline__ void produce(const CUtensorMap* x_map, const FusedMoeParams& p,
                                         const BlockInfo& b, Ring ring, int ptid) {
   using L = SmemLayout<T, 1>;  // the ring's layout does not depend on WGS
   const int slices = p.N / kSliceRows;
@@ -245,6 +252,7 @@ __device__ __forceinline__ void produce(const CUtensorMap* x_map, const CUtensor
   const int lane = ptid % 32;
   const int col = (ptid / 32) * kColsPerWarp + lane;
   const bool has_col = lane < kColsPerWarp && col < T;
+  const uint64_t token_policy = ptx::policy_evict_last();  // each row is read top_k times
   // The loops stay rolled: the producer has 56 registers after setmaxnreg, and unrolled
   // copies of them spill.
   for (int sub = 0; sub < b.subtiles; ++sub) {
@@ -258,7 +266,7 @@ __device__ __forceinline__ void produce(const CUtensorMap* x_map, const CUtensor
       uint64_t* full = &ring.full[ring.stage];
       if (!(sub == 0 && i < first)) {  // else issued by the prologue
         ptx::mbar_wait(&ring.empty[ring.stage], ring.phase ^ 1);
-        if (ptid == 0) issue_weight_tile(w_map, w2_map, b, st, full, i);
+        if (ptid == 0) issue_weight_tile(b, st, full, i);
       }
       // Scales: x scales [T] and gate, up for an up tile; w2 scales of the two 128-row halves
       // (at T, T + 1) for a down tile. Absent ones are zero-filled (source size 0).
@@ -269,7 +277,8 @@ __device__ __forceinline__ void produce(const CUtensorMap* x_map, const CUtensor
         // cannot complete before every producer thread has arrived (below).
         if (lane == 0 && loaded > 0) ptx::mbar_expect_tx(full, loaded * kKBlock);
         if (row >= 0) {
-          ptx::tma_load_2d(st + L::kXOffset + col * kKBlock, x_map, full, kb * kKBlock, row);
+          ptx::tma_load_2d(st + L::kXOffset + col * kKBlock, x_map, full, kb * kKBlock, row,
+                           token_policy);
         }
         if (has_col) {
           const bool live = row >= 0;
@@ -324,6 +333,7 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
   constexpr int kDownDepth = std::min(kTiles, kDepth);
   float acc[kTiles][kRegs];
   float part[kDepth][kRegs];
+  const uint64_t out_policy = ptx::policy_evict_last();  // each row is added to top_k times
   constexpr int kPeersInFlight = T <= 16 ? 8 : T <= 32 ? 4 : 1;  // DSMEM loads issued together
 
   for (int sub = 0; sub < b.subtiles; ++sub) {
@@ -579,7 +589,7 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
           const int row = b.tok_row[t0 + t];
           if (row >= 0) {
             ptx::bulk_reduce_add_bf16(p.out + size_t(row) * p.K + k_first,
-                                      staging + t * L::kStagingStride, columns * 2);
+                                      staging + t * L::kStagingStride, columns * 2, out_policy);
           }
         }
         ptx::bulk_commit();
@@ -596,11 +606,23 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
 }
 
 // ---------------------------------------------------------------------------------------
+// The weights' tensor maps in two versions that differ only in L2 promotion. With 256-byte
+// promotion a 128-byte row read also brings the row's next K block into L2, which this CTA
+// reads one stage later: a prefetch that blocks of a few tokens, bound by latency, gain from
+// (up to 6 %). Full blocks are bound by bandwidth, and there the promoted halves were evicted
+// before use or crowded out other CTAs' lines: without promotion, 2-5 % faster at M >= 512.
+struct WeightMaps {
+  CUtensorMap w, w2;                // 256-byte L2 promotion
+  CUtensorMap w_stream, w2_stream;  // no promotion
+};
+
+// A block with at least this many tokens is a full one (WeightMaps, BlockInfo::streamed).
+constexpr int kFullBlockTokens = 16;
+
 template <int T, int WGS>
 __global__ void __launch_bounds__((WGS + 1) * 128, 1)
     fused_moe_kernel(const __grid_constant__ CUtensorMap x_map,
-                     const __grid_constant__ CUtensorMap w_map,
-                     const __grid_constant__ CUtensorMap w2_map, const FusedMoeParams p) {
+                     const __grid_constant__ WeightMaps weights, const FusedMoeParams p) {
   using L = SmemLayout<T, WGS>;
   // Slices of one token block are neighbours in launch order: they run at the same time, so
   // their halves of each w2 row (N/2 > 128) are read from DRAM together. The `split` CTAs of
@@ -613,17 +635,31 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
   // the first TMA after them.
   if (tid == 0) {
     ptx::prefetch_tensor_map(&x_map);
-    ptx::prefetch_tensor_map(&w_map);
-    ptx::prefetch_tensor_map(&w2_map);
+    ptx::prefetch_tensor_map(&weights.w);
+    ptx::prefetch_tensor_map(&weights.w2);
+    ptx::prefetch_tensor_map(&weights.w_stream);
+    ptx::prefetch_tensor_map(&weights.w2_stream);
   }
-  // The routing values are independent loads (expert_ids and sorted_token_ids cover every
-  // block of the grid), issued together: one memory latency before the first TMA, not three.
-  // The top-k weights are needed last; the consumers load them (consume).
+  // The routing values are independent loads, issued together: one memory latency before the
+  // first TMA, not three. The neighbours' experts say whether this block is its expert's only
+  // one. sorted_len need not be a multiple of block_m: the last block's tail is not read. The
+  // top-k weights are needed last; the consumers load them (consume).
+  const int blocks = (p.sorted_len + p.block_m - 1) / p.block_m;
   const int used = *p.num_tokens_post_padded;
   const int expert = p.expert_ids[block];
-  const int slot = tid < p.block_m ? p.sorted_token_ids[block * p.block_m + tid] : -1;
-  if (block * p.block_m >= used) return;
+  const int expert_before = block > 0 ? p.expert_ids[block - 1] : -1;
+  const int expert_after = block + 1 < blocks ? p.expert_ids[block + 1] : -1;
+  const int first_slot = block * p.block_m;
+  const int slot =
+      tid < p.block_m && first_slot + tid < p.sorted_len ? p.sorted_token_ids[first_slot + tid] : -1;
+  if (first_slot >= used) return;
   if (expert < 0) return;  // expert not on this GPU: contributes nothing
+  // Slots fill a block from its start, so its first 32 tell whether it holds 16 tokens: warp
+  // 0 counts them for thread 0 (every warp counts its own slots; the others' counts go unused).
+  const bool valid = slot >= 0 && slot < p.M * p.top_k;
+  const bool full_block = __popc(__ballot_sync(0xffffffffu, valid)) >= kFullBlockTokens;
+  const bool only_block =
+      expert_before != expert && (expert_after != expert || first_slot + p.block_m >= used);
 
   extern __shared__ uint8_t smem_raw[];
   // Swizzled tiles need 1024-byte alignment; dynamic shared memory only promises 16.
@@ -652,6 +688,9 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
                        (rank + 1) * down_tiles / p.split,
                        p.split,
                        rank,
+                       full_block && only_block,
+                       full_block ? &weights.w_stream : &weights.w,
+                       full_block ? &weights.w2_stream : &weights.w2,
                        tok_row,
                        tok_weight};
   const Ring ring{smem, full, empty, p.stages, L::kStageBytes};
@@ -663,10 +702,9 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
     ptx::mbar_init(&exchange[0], p.split);
     ptx::mbar_init(&exchange[1], p.split);
     ptx::fence_barrier_init();
-    issue_first_pass(&w_map, &w2_map, info, ring);  // while the token rows load
+    issue_first_pass(info, ring);  // while the token rows load
   }
   if (tid < p.block_m) {  // block_m <= 128 <= blockDim.x
-    const bool valid = slot >= 0 && slot < p.M * p.top_k;
     tok_row[tid] = valid ? slot / p.top_k : -1;
     reinterpret_cast<int32_t*>(tok_weight)[tid] = valid ? slot : -1;  // the slot until consume
   }
@@ -682,7 +720,7 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
   // the branches made ptxas spill).
   if (tid < 128) {
     if constexpr (WGS > 1) ptx::setmaxnreg_dec<56>();
-    produce<T>(&x_map, &w_map, &w2_map, p, info, ring, tid);
+    produce<T>(&x_map, p, info, ring, tid);
   } else {
     if constexpr (WGS > 1) ptx::setmaxnreg_inc<224>();
     consume<T, WGS>(p, info, ring, act, staging, partial, amax,

@@ -784,7 +784,7 @@ export function predictSeconds(
   const slots = M * shape.topK;
   const computeUs = 2 * slots * 1.5 * shape.N * shape.K / 400e12 * 1e6; // ~400 TFLOP/s reached
   const kernelUs = Math.max(floorUs, computeUs) * 1.6 + 5; // the average config is slower
-  // L2 flush (~100 MB memset) and launch gaps; the host needs ~40 µs per timed launch anyway.
+  // L2 flush (~100 MB read) and launch gaps; the host needs ~40 µs per timed launch anyway.
   const perLaunchUs = Math.max(60, 45 + kernelUs);
   let launches = 0;
   let configs = candidates;
@@ -1130,8 +1130,8 @@ export async function tuneConfigs(
       rounds: describeRounds(rounds),
       keepDefaultWithin: KEEP_DEFAULT_WITHIN,
       budgetSeconds: budget,
-      timing: "CUDA events around each launch on its own stream, L2 flushed (memset of twice " +
-        "its size) before each, medians; kernel only (out not re-zeroed)",
+      timing: "CUDA events around each launch on its own stream, L2 emptied (a buffer of twice " +
+        "its size read) before each, medians; kernel only (out not re-zeroed)",
     },
   };
 

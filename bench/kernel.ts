@@ -4,6 +4,9 @@
  * and prints the best with its achieved bandwidth and its ratio to the memory floor measured
  * in the same run. `--json FILE` also writes every measurement.
  *
+ * The problems are bench:targets' (the same shapes, weights, routing and seeds), so a config
+ * timed here and in the issue-6 table runs on the same data.
+ *
  * @module
  */
 import { parseArgs } from "node:util";
@@ -11,21 +14,25 @@ import type { KernelConfig } from "../src/config.ts";
 import { deviceInfo } from "../src/device.ts";
 import { checkKernelConfig } from "../src/fused_moe.ts";
 import { DeviceMoeProblem } from "../src/problem.ts";
-import { makeRandomMoeProblem, type MoeWeights } from "../src/random.ts";
+import { makeRandomMoeProblem } from "../src/random.ts";
 import { type L2Flush, memoryFloorBytes, Timer } from "../src/timing.ts";
-import { configKey, tokensPerExpert, unitsOfWork, worthSplitting } from "../src/tune.ts";
+import {
+  balancedTopkIds,
+  configKey,
+  MODEL_SHAPES,
+  sliceProblem,
+  tokensPerExpert,
+  unitsOfWork,
+  worthSplitting,
+} from "../src/tune.ts";
 import { benchPreamble } from "./_cli.ts";
 
-const SHAPES = {
-  ds: { E: 257, N: 256, K: 7168, topK: 9 },
-  e512: { E: 512, N: 256, K: 2048, topK: 10 },
-  ds2: { E: 257, N: 512, K: 7168, topK: 9 },
-  e128: { E: 128, N: 768, K: 4096, topK: 8 },
-} as const;
-
 const HELP = `Usage: deno task bench:kernel [options]
-  --shapes LIST       comma-separated of ${Object.keys(SHAPES).join(", ")} (default ds,e512,ds2)
+  --shapes LIST       comma-separated of ${
+  Object.keys(MODEL_SHAPES).join(", ")
+} (default ds,e512,ds2)
   --m LIST            token counts (default 1,8,32,128,512,2048,8192)
+  --balancedness LIST routing balancedness values (default 1)
   --iterations N      timed launches per config (default 50)
   --block-m LIST      block_m values of the grid (default 8,16,32,64,128)
   --stages LIST       stages of the grid (default 2,3,4)
@@ -64,6 +71,7 @@ async function main(): Promise<number> {
     options: {
       shapes: { type: "string", default: "ds,e512,ds2" },
       m: { type: "string", default: "1,8,32,128,512,2048,8192" },
+      balancedness: { type: "string", default: "1" },
       iterations: { type: "string", default: "50" },
       "block-m": { type: "string", default: "8,16,32,64,128" },
       stages: { type: "string", default: "2,3,4" },
@@ -88,60 +96,84 @@ async function main(): Promise<number> {
   );
   const rows: Record<string, unknown>[] = [];
   const table: string[] = [];
+  const Ms = values.m.split(",").map(Number);
   for (const name of values.shapes.split(",")) {
-    const s = SHAPES[name as keyof typeof SHAPES];
-    if (!s) throw new Error(`unknown shape ${name}: one of ${Object.keys(SHAPES).join(", ")}`);
-    let weights: MoeWeights | undefined;
-    let weightsOwner: DeviceMoeProblem | undefined;
+    const shape = MODEL_SHAPES[name];
+    if (!shape) throw new Error(`unknown shape ${name}: one of ${Object.keys(MODEL_SHAPES)}`);
+    const { numExperts: E, N, K, topK } = shape;
+    const base = makeRandomMoeProblem({
+      M: Math.max(...Ms),
+      K,
+      N,
+      numExperts: E,
+      topK,
+      blockM: 8,
+      seed: 42,
+      sharedExpert: shape.sharedExpert,
+    });
+    let owner: DeviceMoeProblem | undefined;
     try {
-      for (const M of values.m.split(",").map(Number)) {
-        const p = makeRandomMoeProblem({
-          M,
-          K: s.K,
-          N: s.N,
-          numExperts: s.E,
-          topK: s.topK,
-          blockM: 8,
-          seed: M,
-          weights,
-        });
-        weights ??= p;
-        const dev = new DeviceMoeProblem(p, { weightsFrom: weightsOwner });
-        const floorBytes = memoryFloorBytes(dev, p.topkIds);
-        const floorUs = floorBytes / bandwidth * 1e6;
-        let best: { config: KernelConfig; us: number } | undefined;
-        const grid = candidates(
-          M,
-          values["block-m"].split(",").map(Number),
-          values.stages.split(",").map(Number),
-          values.split.split(",").map(Number),
-          (blockM) => unitsOfWork(tokensPerExpert(p.topkIds, s.E), blockM, s.N),
-          smCount,
-        );
-        for (const config of grid) {
-          try {
-            checkKernelConfig(s.K, s.N, config);
-          } catch {
-            continue; // e.g. too much shared memory for this card
-          }
-          const t = timer.time(
-            () => dev.run(config, { stream: timer.stream, outIsZeroed: true }),
-            { iterations, flush: values.flush as L2Flush },
+      for (const balancedness of values.balancedness.split(",").map(Number)) {
+        for (const M of Ms) {
+          const ids = balancedTopkIds({
+            M,
+            numExperts: E,
+            topK,
+            sharedExpert: shape.sharedExpert,
+            balancedness,
+            seed: M * 7919 + 1,
+          });
+          const dev = new DeviceMoeProblem(sliceProblem(base, M, ids), { weightsFrom: owner });
+          const floorBytes = memoryFloorBytes({ M, K, N, numExperts: E, topK }, ids);
+          const floorUs = floorBytes / bandwidth * 1e6;
+          let best: { config: KernelConfig; us: number } | undefined;
+          const grid = candidates(
+            M,
+            values["block-m"].split(",").map(Number),
+            values.stages.split(",").map(Number),
+            values.split.split(",").map(Number),
+            (blockM) => unitsOfWork(tokensPerExpert(ids, E), blockM, N),
+            smCount,
           );
-          rows.push({ shape: name, ...s, M, config, us: t.medianUs, floorUs });
-          if (!best || t.medianUs < best.us) best = { config, us: t.medianUs };
+          for (const config of grid) {
+            try {
+              checkKernelConfig(K, N, config);
+            } catch {
+              continue; // e.g. too much shared memory for this card
+            }
+            const t = timer.time(
+              () => dev.run(config, { stream: timer.stream, outIsZeroed: true }),
+              { iterations, flush: values.flush as L2Flush },
+            );
+            rows.push({
+              shape: name,
+              E,
+              N,
+              K,
+              topK,
+              balancedness,
+              M,
+              config,
+              us: t.medianUs,
+              floorUs,
+            });
+            if (!best || t.medianUs < best.us) best = { config, us: t.medianUs };
+          }
+          if (owner) dev[Symbol.dispose]();
+          else owner = dev;
+          if (!best) continue; // no config of the grid fits this card
+          const line =
+            `${name.padEnd(5)} bal ${balancedness.toFixed(1)} M=${String(M).padStart(5)}  ${
+              show(best.config).padEnd(11)
+            } ${best.us.toFixed(1).padStart(8)} us  ` +
+            `${(floorBytes / (best.us * 1e-6) / 1e9).toFixed(0).padStart(5)} GB/s  ` +
+            `floor ${floorUs.toFixed(1).padStart(7)} us  ratio ${(best.us / floorUs).toFixed(2)}`;
+          console.log(line);
+          table.push(line);
         }
-        if (weightsOwner) dev[Symbol.dispose]();
-        else weightsOwner = dev;
-        const line = `${name.padEnd(5)} E=${s.E} N=${s.N} K=${s.K} M=${String(M).padStart(5)}  ` +
-          `${show(best!.config).padEnd(11)} ${best!.us.toFixed(1).padStart(8)} us  ` +
-          `${(floorBytes / (best!.us * 1e-6) / 1e9).toFixed(0).padStart(5)} GB/s  ` +
-          `floor ${floorUs.toFixed(1).padStart(7)} us  ratio ${(best!.us / floorUs).toFixed(2)}`;
-        console.log(line);
-        table.push(line);
       }
     } finally {
-      weightsOwner?.[Symbol.dispose]();
+      owner?.[Symbol.dispose]();
     }
   }
   if (values.json) {

@@ -609,8 +609,9 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
 // The weights' tensor maps in two versions that differ only in L2 promotion. With 256-byte
 // promotion a 128-byte row read also brings the row's next K block into L2, which this CTA
 // reads one stage later: a prefetch that blocks of a few tokens, bound by latency, gain from
-// (up to 6 %). Full blocks are bound by bandwidth, and there the promoted halves were evicted
-// before use or crowded out other CTAs' lines: without promotion, 2-5 % faster at M >= 512.
+// (ds M=32: 6 %). Full blocks are bound by bandwidth; without promotion they ran 1-4 % faster
+// at M >= 512 (bench/NOTES.md, item 29), presumably because the promoted halves were evicted
+// before their stage came or displaced other CTAs' lines.
 struct WeightMaps {
   CUtensorMap w, w2;                // 256-byte L2 promotion
   CUtensorMap w_stream, w2_stream;  // no promotion

@@ -19,8 +19,8 @@
 // the order of the fp32 additions.
 //
 // Warp roles. Warpgroup 0 is the producer: its four warps stream every operand (tiles by TMA,
-// scales by cp.async) into a ring of `stages` shared-memory buffers. Warpgroups 1..WGS are consumers; each owns
-// 256/WGS of the 256 weight rows of every stage.
+// scales by cp.async) into a ring of `stages` shared-memory buffers. Warpgroups 1..WGS are
+// consumers; each owns 256/WGS of the 256 weight rows of every stage.
 //
 // The ring. Each stage holds one 256x128-byte weight tile (w for the up projection: the
 // slice's rows at one 128-wide K block; w2 for the down projection: 256 output rows of the
@@ -651,8 +651,8 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
   const int expert_before = block > 0 ? p.expert_ids[block - 1] : -1;
   const int expert_after = block + 1 < blocks ? p.expert_ids[block + 1] : -1;
   const int first_slot = block * p.block_m;
-  const int slot =
-      tid < p.block_m && first_slot + tid < p.sorted_len ? p.sorted_token_ids[first_slot + tid] : -1;
+  const bool in_array = tid < p.block_m && first_slot + tid < p.sorted_len;
+  const int slot = in_array ? p.sorted_token_ids[first_slot + tid] : -1;
   if (first_slot >= used) return;
   if (expert < 0) return;  // expert not on this GPU: contributes nothing
   // Slots fill a block from its start, so its first 32 tell whether it holds 16 tokens: warp

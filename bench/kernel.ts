@@ -14,18 +14,16 @@ import type { KernelConfig } from "../src/config.ts";
 import { deviceInfo } from "../src/device.ts";
 import { checkKernelConfig } from "../src/fused_moe.ts";
 import { DeviceMoeProblem } from "../src/problem.ts";
-import { makeRandomMoeProblem } from "../src/random.ts";
 import { type L2Flush, memoryFloorBytes, Timer } from "../src/timing.ts";
 import {
-  balancedTopkIds,
   configKey,
   MODEL_SHAPES,
-  sliceProblem,
   tokensPerExpert,
   unitsOfWork,
   worthSplitting,
 } from "../src/tune.ts";
 import { benchPreamble } from "./_cli.ts";
+import { targetBase, targetProblem } from "./_problems.ts";
 
 const HELP = `Usage: deno task bench:kernel [options]
   --shapes LIST       comma-separated of ${
@@ -101,29 +99,14 @@ async function main(): Promise<number> {
     const shape = MODEL_SHAPES[name];
     if (!shape) throw new Error(`unknown shape ${name}: one of ${Object.keys(MODEL_SHAPES)}`);
     const { numExperts: E, N, K, topK } = shape;
-    const base = makeRandomMoeProblem({
-      M: Math.max(...Ms),
-      K,
-      N,
-      numExperts: E,
-      topK,
-      blockM: 8,
-      seed: 42,
-      sharedExpert: shape.sharedExpert,
-    });
+    const base = targetBase(shape, Math.max(...Ms));
     let owner: DeviceMoeProblem | undefined;
     try {
       for (const balancedness of values.balancedness.split(",").map(Number)) {
         for (const M of Ms) {
-          const ids = balancedTopkIds({
-            M,
-            numExperts: E,
-            topK,
-            sharedExpert: shape.sharedExpert,
-            balancedness,
-            seed: M * 7919 + 1,
-          });
-          const dev = new DeviceMoeProblem(sliceProblem(base, M, ids), { weightsFrom: owner });
+          const problem = targetProblem(base, shape, M, balancedness);
+          const ids = problem.topkIds;
+          const dev = new DeviceMoeProblem(problem, { weightsFrom: owner });
           const floorBytes = memoryFloorBytes({ M, K, N, numExperts: E, topK }, ids);
           const floorUs = floorBytes / bandwidth * 1e6;
           let best: { config: KernelConfig; us: number } | undefined;

@@ -16,10 +16,10 @@ import { parseArgs } from "node:util";
 import { pickConfig } from "../src/config.ts";
 import { deviceInfo } from "../src/device.ts";
 import { DeviceMoeProblem } from "../src/problem.ts";
-import { makeRandomMoeProblem } from "../src/random.ts";
 import { memoryFloorBytes, Timer } from "../src/timing.ts";
-import { balancedTopkIds, configKey, MODEL_SHAPES, sliceProblem } from "../src/tune.ts";
+import { configKey, MODEL_SHAPES } from "../src/tune.ts";
 import { benchPreamble } from "./_cli.ts";
+import { targetBase, targetProblem } from "./_problems.ts";
 
 const HELP = `Usage: deno task bench:targets [options]
   --shapes LIST        of ${Object.keys(MODEL_SHAPES).join(", ")} (default: all)
@@ -89,29 +89,14 @@ async function main(): Promise<number> {
     const shape = MODEL_SHAPES[name];
     if (!shape) throw new Error(`unknown shape ${name}: one of ${Object.keys(MODEL_SHAPES)}`);
     const { numExperts: E, N, K, topK } = shape;
-    const base = makeRandomMoeProblem({
-      M: Math.max(...Ms),
-      K,
-      N,
-      numExperts: E,
-      topK,
-      blockM: 8,
-      seed: 42,
-      sharedExpert: shape.sharedExpert,
-    });
+    const base = targetBase(shape, Math.max(...Ms));
     let owner: DeviceMoeProblem | undefined;
     try {
       for (const balancedness of values.balancedness.split(",").map(Number)) {
         for (const M of Ms) {
-          const ids = balancedTopkIds({
-            M,
-            numExperts: E,
-            topK,
-            sharedExpert: shape.sharedExpert,
-            balancedness,
-            seed: M * 7919 + 1,
-          });
-          const dev = new DeviceMoeProblem(sliceProblem(base, M, ids), { weightsFrom: owner });
+          const problem = targetProblem(base, shape, M, balancedness);
+          const ids = problem.topkIds;
+          const dev = new DeviceMoeProblem(problem, { weightsFrom: owner });
           const config = pickConfig(shape, M, { card });
           const t = timer.time(
             () => dev.run(config, { stream: timer.stream, outIsZeroed: true }),

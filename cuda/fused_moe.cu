@@ -128,8 +128,8 @@ PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
   return fn;
 }
 
-// A K-major FP8 tensor of up to 3 dims (dim 0 contiguous), read in 128-byte-wide boxes with
-// the 128-byte swizzle the wgmma descriptors expect.
+// A K-major FP8 tensor of 3 dims (dim 0 contiguous; the expert is dim 2), read in 128-byte-wide
+// boxes with the 128-byte swizzle the wgmma descriptors expect.
 struct MapKey {
   int64_t device;  // 64-bit so the key has no padding bytes (compared with memcmp)
   const void* base;
@@ -148,7 +148,7 @@ struct MapCache {
   int used = 0, next = 0;
 };
 
-int tensor_map(const MapKey& key, int rank, CUtensorMap* out) {
+int tensor_map(const MapKey& key, CUtensorMap* out) {
   static MapCache cache;
   std::lock_guard<std::mutex> lock(cache.mutex);
   for (int i = 0; i < cache.used; ++i) {
@@ -163,11 +163,11 @@ int tensor_map(const MapKey& key, int rank, CUtensorMap* out) {
   }
   cuuint64_t dims[3], strides[2];
   cuuint32_t box[3] = {key.box[0], key.box[1], 1}, elem_strides[3] = {1, 1, 1};
-  for (int d = 0; d < rank; ++d) dims[d] = key.dims[d];
+  for (int d = 0; d < 3; ++d) dims[d] = key.dims[d];
   strides[0] = key.dims[0];
   strides[1] = key.dims[0] * key.dims[1];
   CUtensorMap map;
-  const CUresult r = encode(&map, CU_TENSOR_MAP_DATA_TYPE_UINT8, rank, const_cast<void*>(key.base),
+  const CUresult r = encode(&map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, const_cast<void*>(key.base),
                             dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
                             CU_TENSOR_MAP_SWIZZLE_128B,
                             key.promote_l2 ? CU_TENSOR_MAP_L2_PROMOTION_L2_256B
@@ -176,7 +176,7 @@ int tensor_map(const MapKey& key, int rank, CUtensorMap* out) {
   if (r != CUDA_SUCCESS) {
     return fail(AMOE_ERR_CUDA, "cuTensorMapEncodeTiled failed (CUresult %d) for a [%llu, %llu, %llu] tensor",
                 int(r), (unsigned long long)key.dims[0], (unsigned long long)key.dims[1],
-                (unsigned long long)(rank > 2 ? key.dims[2] : 1));
+                (unsigned long long)key.dims[2]);
   }
   const int slot = cache.used < MapCache::kSlots ? cache.used++ : cache.next++ % MapCache::kSlots;
   cache.keys[slot] = key;
@@ -227,7 +227,7 @@ int amoe_fused_moe_w8a8_up_down(const void* x, const float* x_scale, const void*
   AMOE_REQUIRE(std::isfinite(scaling_factor), "scaling_factor must be finite");
   AMOE_REQUIRE(aligned(x, 16) && aligned(w, 16) && aligned(w2, 16),
                "x, w and w2 must be 16-byte aligned (TMA)");
-  AMOE_REQUIRE(aligned(out, 16), "out must be 16-byte aligned (bulk reductions)");
+  AMOE_REQUIRE(aligned(out, 16), "out must be 16-byte aligned (vector reductions)");
   AMOE_REQUIRE(aligned(x_scale, 4) && aligned(w_scale, 4) &&
                    aligned(w2_scale, 4) && aligned(topk_weights, 4) &&
                    aligned(sorted_token_ids, 4) && aligned(expert_ids, 4),
@@ -243,17 +243,17 @@ int amoe_fused_moe_w8a8_up_down(const void* x, const float* x_scale, const void*
   AMOE_CUDA(cudaGetDevice(&device));
   FusedMoeLaunch l;
   const uint32_t kb = kKBlock, rows = kSliceRows;
-  AMOE_TRY(tensor_map(MapKey{device, x, {uint64_t(K), uint64_t(M), 1}, {kb, 1}, 1}, 2, &l.x_map));
   const uint64_t w_dims[3] = {uint64_t(K), uint64_t(N), uint64_t(num_experts)};
   const uint64_t w2_dims[3] = {uint64_t(N / 2), uint64_t(K), uint64_t(num_experts)};
   for (const uint32_t promote : {1u, 0u}) {  // the two versions of WeightMaps
     AMOE_TRY(tensor_map(MapKey{device, w, {w_dims[0], w_dims[1], w_dims[2]}, {kb, rows}, promote},
-                        3, promote ? &l.weights.w : &l.weights.w_stream));
+                        promote ? &l.weights.w : &l.weights.w_stream));
     AMOE_TRY(tensor_map(
-        MapKey{device, w2, {w2_dims[0], w2_dims[1], w2_dims[2]}, {kb, rows}, promote}, 3,
+        MapKey{device, w2, {w2_dims[0], w2_dims[1], w2_dims[2]}, {kb, rows}, promote},
         promote ? &l.weights.w2 : &l.weights.w2_stream));
   }
-  l.params = FusedMoeParams{sorted_token_ids, expert_ids, num_tokens_post_padded, x_scale,
+  l.params = FusedMoeParams{sorted_token_ids, expert_ids, num_tokens_post_padded,
+                            static_cast<const uint8_t*>(x), x_scale,
                             w_scale, w2_scale, topk_weights,
                             static_cast<__nv_bfloat16*>(out), M, K, N, top_k, block_m, stages,
                             split, sorted_len, scaling_factor};

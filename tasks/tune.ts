@@ -254,9 +254,9 @@ export async function main(args: string[]): Promise<number> {
       "git",
       "-C",
       fileURLToPath(new URL("..", import.meta.url)),
-      "rev-parse",
-      "--short",
-      "HEAD",
+      "describe",
+      "--always",
+      "--dirty",
     ]),
     moduleVersion(),
   ]);

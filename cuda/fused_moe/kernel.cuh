@@ -18,9 +18,9 @@
 // exchanges per sub-tile (ClusterExchange); the result is the same as with one CTA except for
 // the order of the fp32 additions.
 //
-// Warp roles. Warpgroup 0 is the producer: its four warps stream every operand (tiles by TMA,
-// scales by cp.async) into a ring of `stages` shared-memory buffers. Warpgroups 1..WGS are
-// consumers; each owns 256/WGS of the 256 weight rows of every stage.
+// Warp roles. Warpgroup 0 is the producer: its four warps stream every operand (weight tiles
+// by TMA, token rows and scales by cp.async) into a ring of `stages` shared-memory buffers.
+// Warpgroups 1..WGS are consumers; each owns 256/WGS of the 256 weight rows of every stage.
 //
 // The ring. Each stage holds one 256x128-byte weight tile (w for the up projection: the
 // slice's rows at one 128-wide K block; w2 for the down projection: 256 output rows of the
@@ -29,14 +29,15 @@
 // consumers: per sub-tile, the CTA's share of the K/128 up tiles, then of the ceil(K/256) down
 // tiles.
 //
-// Barrier protocol. full[s]: 128 producer-thread arrivals + the TMA transaction bytes (each warp
-// raises the expected bytes of its copies before issuing them); each thread's arrival is made by
-// the async-copy unit once its share of the stage's scales has landed, so the scales are ordered
-// before the consumers' acquire. empty[s]: one arrival per consumer thread, after its last read of
-// the stage (its wgmmas have completed and its scale reads are done): every reader releases its own
-// reads. Phase parity flips each time the ring wraps; the producer's first pass waits on parity 1,
-// which a fresh barrier reports as complete (the prologue issues that pass's weight tiles without
-// waiting at all).
+// Barrier protocol. full[s]: 128 producer-thread arrivals + the weight tile's TMA transaction
+// bytes (raised by thread 0 before it issues the copy); each thread's arrival is made by the
+// async-copy unit once its share of the stage's token rows and scales has landed, so they are
+// ordered before the consumers' acquire (the consumers then fence the token rows into the async
+// proxy, which the wgmmas read through). empty[s]: one arrival per consumer thread, after its
+// last read of the stage (its wgmmas have completed and its scale reads are done): every reader
+// releases its own reads. Phase parity flips each time the ring wraps; the producer's first
+// pass waits on parity 1, which a fresh barrier reports as complete (the prologue issues that
+// pass's weight tiles without waiting at all).
 //
 // Cluster exchanges use two mbarriers in each CTA, alternating, each completing when every
 // CTA of the cluster has arrived once (a shared-memory release fence before the arrivals, an
@@ -47,12 +48,12 @@
 //
 // Output. Each down tile's results (times the block scale, the activation scale, the top-k
 // weight and the scaling factor) are rounded to bf16 into a staging tile, one 256-column row
-// per token (each consumer warpgroup writes its columns), and added into `out` by the TMA
-// engine (cp.reduce.async.bulk .add.bf16): one L2 operation per token row and tile rather than
-// one atomic per element pair.
+// per token (each consumer warpgroup writes its columns), and added into `out` by 16-byte
+// vector reductions (red.global.add.v4.bf16x2), one warp instruction per 512-byte row.
 //
-// Shared-memory tiles are K-major rows of 128 bytes with the 128-byte swizzle (TMA writes
-// them swizzled; the activation tile is written by hand in the same pattern).
+// Shared-memory tiles are K-major rows of 128 bytes with the 128-byte swizzle (TMA writes the
+// weight tiles swizzled; the token rows and the activation tile are placed by hand in the same
+// pattern).
 #pragma once
 
 #include <cuda.h>
@@ -81,6 +82,7 @@ struct FusedMoeParams {
   const int32_t* sorted_token_ids;
   const int32_t* expert_ids;
   const int32_t* num_tokens_post_padded;
+  const uint8_t* x;       // [M, K] FP8 tokens
   const float* x_scale;   // [M, K/128]
   const float* w_scale;   // [E, N/128, K/128], gate/up interleaved in chunks of 1
   const float* w2_scale;  // [E, K/128, N/256]
@@ -103,8 +105,8 @@ struct SmemLayout {
   static constexpr int kStageBytes = round_up(kScaleOffset + T * 4 + 8, 1024);
   // Output staging: a bf16 row of the down tile's 256 output columns per token (each consumer
   // warpgroup writes its 256/WGS of them), padded by 16 bytes so the four token rows a warp
-  // writes at once hit other banks. One tile, not two alternating: the wait for the last
-  // tile's reductions overlaps this tile's wgmmas, and the bytes go to the ring instead.
+  // writes at once hit other banks. One tile, not two alternating: the barrier that frees
+  // it from the last tile's reads overlaps this tile's wgmmas, and the bytes go to the ring.
   static constexpr int kStagingRowBytes = kSliceRows * 2;
   static constexpr int kStagingStride = kStagingRowBytes + 16;
   static constexpr int kStagingBytes = T * kStagingStride;
@@ -190,10 +192,10 @@ __device__ __forceinline__ int sw128_offset(int row, int k) {
 
 // ---------------------------------------------------------------------------------------
 // Producer: warpgroup 0. Stage i of a sub-tile is up tile kb_begin + i for i < nkb, else down
-// tile dt_begin + i - nkb. Per stage, thread 0 loads the weight tile, every warp loads its
-// share of token rows, and the stage's f32 scales are copied by the async-copy unit
-// (cp.async); each thread's arrival on the full barrier is deferred until its
-// copies have landed (cp.async.mbarrier.arrive). The producer never waits for a load: with
+// tile dt_begin + i - nkb. Per stage, thread 0 loads the weight tile, and every thread copies
+// its chunks of the token rows and its share of the f32 scales through the async-copy unit
+// (cp.async); each thread's arrival on the full barrier is deferred until its copies have
+// landed (cp.async.mbarrier.arrive). The producer never waits for a load: with
 // the scales read into registers one stage ahead, every stage waited a global-load latency,
 // which capped one CTA at about 50 GB/s whatever the ring depth.
 //
@@ -234,8 +236,8 @@ __device__ __forceinline__ void issue_first_pass(const BlockInfo& b, const Ring&
 }
 
 template <int T>
-__device__ __forceinline__ void produce(const CUtensorMap* x_map, const FusedMoeParams& p,
-                                        const BlockInfo& b, Ring ring, int ptid) {
+__device__ __forceinline__ void produce(const FusedMoeParams& p, const BlockInfo& b, Ring ring,
+                                        int ptid) {
   using L = SmemLayout<T, 1>;  // the ring's layout does not depend on WGS
   const int slices = p.N / kSliceRows;
   const float* ws_gate = p.w_scale + (size_t(b.expert) * (p.N / 128) + 2 * b.slice) * b.kblocks;
@@ -244,22 +246,31 @@ __device__ __forceinline__ void produce(const CUtensorMap* x_map, const FusedMoe
   const int nkb = b.kb_end - b.kb_begin;
   const int stages_per_sub = nkb + (b.dt_end - b.dt_begin);
   const int first = first_pass_stages(b, ring.stages);
-  // Token column of this thread: warp w takes columns w * kColsPerWarp + lane. A TMA copy takes
-  // its coordinates in uniform registers, so a warp issues its lanes' row copies one after
-  // another (~7 instructions each); four warps issue them four at a time. With one warp, 64
-  // rows per stage kept it busy most of the time at T=64 and the consumers waited on it.
+  // Token rows go through the async-copy unit in 16-byte chunks, not one TMA copy per row,
+  // which left the TMA unit fewer requests besides the weight tiles (bench/NOTES.md, item 33).
+  // Thread ptid copies chunk ptid % 8 of rows ptid / 8 + 16 j, placed where the 128-byte
+  // swizzle puts it.
+  constexpr int kRowsPerThread = (T + 15) / 16;
+  const int chunk = ptid % 8;
+  const int row0 = ptid / 8;
+  // Token column of this thread for the x scales: warp w takes columns w * kColsPerWarp + lane.
   constexpr int kColsPerWarp = (T + 3) / 4;
   const int lane = ptid % 32;
   const int col = (ptid / 32) * kColsPerWarp + lane;
   const bool has_col = lane < kColsPerWarp && col < T;
-  const uint64_t token_policy = ptx::policy_evict_last();  // each row is read top_k times
   // The loops stay rolled: the producer has 56 registers after setmaxnreg, and unrolled
   // copies of them spill.
   for (int sub = 0; sub < b.subtiles; ++sub) {
     const int t0 = sub * T;
     const int tcount = min(T, p.block_m - t0);
     const int row = has_col && col < tcount ? b.tok_row[t0 + col] : -1;  // -1: no token
-    const int loaded = __popc(__ballot_sync(0xffffffffu, row >= 0));      // this warp's rows
+    const uint8_t* src[kRowsPerThread];  // this thread's chunk of K block 0, or null
+#pragma unroll
+    for (int j = 0; j < kRowsPerThread; ++j) {
+      const int r = row0 + 16 * j;
+      const int token = r < tcount ? b.tok_row[t0 + r] : -1;
+      src[j] = token >= 0 ? p.x + size_t(token) * p.K + chunk * 16 : nullptr;
+    }
 #pragma unroll 1
     for (int i = 0; i < stages_per_sub; ++i) {
       uint8_t* st = ring.current();
@@ -273,12 +284,14 @@ __device__ __forceinline__ void produce(const CUtensorMap* x_map, const FusedMoe
       float* sc = reinterpret_cast<float*>(st + L::kScaleOffset);
       if (i < nkb) {
         const int kb = b.kb_begin + i;
-        // Each warp raises the expected bytes of its own rows before copying them; the phase
-        // cannot complete before every producer thread has arrived (below).
-        if (lane == 0 && loaded > 0) ptx::mbar_expect_tx(full, loaded * kKBlock);
-        if (row >= 0) {
-          ptx::tma_load_2d(st + L::kXOffset + col * kKBlock, x_map, full, kb * kKBlock, row,
-                           token_policy);
+        // Rows without a token are not copied: their columns of the products are never used.
+#pragma unroll
+        for (int j = 0; j < kRowsPerThread; ++j) {
+          const int r = row0 + 16 * j;
+          if (src[j] != nullptr) {
+            ptx::cp_async_16(st + L::kXOffset + r * kKBlock + ((chunk ^ (r & 7)) << 4),
+                             src[j] + kb * kKBlock);
+          }
         }
         if (has_col) {
           const bool live = row >= 0;
@@ -333,7 +346,9 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
   constexpr int kDownDepth = std::min(kTiles, kDepth);
   float acc[kTiles][kRegs];
   float part[kDepth][kRegs];
-  const uint64_t out_policy = ptx::policy_evict_last();  // each row is added to top_k times
+  // Each output row is added to top_k times: evict-last kept ds2 M=512 at 531 us, not 551
+  // (bench/NOTES.md, item 33).
+  const uint64_t out_policy = ptx::policy_evict_last();
   constexpr int kPeersInFlight = T <= 16 ? 8 : T <= 32 ? 4 : 1;  // DSMEM loads issued together
 
   for (int sub = 0; sub < b.subtiles; ++sub) {
@@ -349,6 +364,9 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
 
     for (int kb = b.kb_begin; kb < b.kb_end; ++kb) {
       ptx::mbar_wait(&ring.full[ring.stage], ring.phase);
+      // The token rows were written by the producer's async copies, i.e. through the generic
+      // proxy; the wgmmas read them through the async proxy.
+      ptx::fence_proxy_async_smem();
       const uint8_t* st = ring.current();
       // The scale of each accumulator register (block scale of its gate or up row times its
       // token's x scale), read once per stage: the steps' asm memory clobbers would otherwise
@@ -521,9 +539,8 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
     ptx::named_barrier_sync(1, kConsumerThreads);
 
     // ---- down projection and weighted accumulation into out ----
-    // The consumers stage the tile's bf16 results as one 256-column row per token and have the
-    // TMA engine add whole rows into out (cp.reduce.async.bulk): one L2 operation per token
-    // and tile, not one atomic per pair of elements nor one row per warpgroup.
+    // The consumers stage the tile's bf16 results as one 256-column row per token, so that a
+    // warp adds a whole row into out with one instruction of 16-byte vector reductions.
     for (int dt = b.dt_begin; dt < b.dt_end; ++dt) {
       ptx::mbar_wait(&ring.full[ring.stage], ring.phase);
       const uint8_t* st = ring.current();
@@ -543,9 +560,8 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
       };
 #pragma unroll
       for (int m = 0; m < kDownDepth - 1; ++m) issue(m);
-      // The last tile's rows have left the staging tile (each thread waits for the reductions
-      // it issued), checked while this tile's first wgmmas run.
-      ptx::bulk_wait_read();
+      // Every thread has read the last tile's rows out of the staging tile (its reductions
+      // took them from registers), checked while this tile's first wgmmas run.
       ptx::named_barrier_sync(1, kConsumerThreads);
 #pragma unroll
       for (int m = 0; m < kTiles; ++m) {
@@ -576,28 +592,27 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
           }
         }
       }
-      ptx::fence_proxy_async_smem();  // the bulk reduction reads the staging through TMA
       ptx::named_barrier_sync(1, kConsumerThreads);
-      // Token row t is sent by lane t / W of consumer warp t % W (W warps): a bulk copy takes
-      // its addresses in uniform registers, so a warp issues its lanes' copies one after
-      // another; from one warp, 64 rows kept the others waiting at the barrier above.
+      // Each staged token row (512 bytes) is added into out by one warp instruction: lane l
+      // adds bf16 columns 8l .. 8l + 7 with a 16-byte vector reduction through the load/store
+      // path. Bulk reductions went through the TMA unit, one request per row, next to the
+      // weight tiles; these were 3-9 % faster at M >= 512 (bench/NOTES.md, item 33).
       {
         constexpr int kWarps = kConsumerThreads / 32;
         const int k_first = dt * kSliceRows;
         const int columns = min(kSliceRows, p.K - k_first);  // 128 when K % 256 == 128
-        for (int t = ctid / 32 + kWarps * lane; t < tcount; t += kConsumerThreads) {
+        for (int t = ctid / 32; t < tcount; t += kWarps) {
           const int row = b.tok_row[t0 + t];
-          if (row >= 0) {
-            ptx::bulk_reduce_add_bf16(p.out + size_t(row) * p.K + k_first,
-                                      staging + t * L::kStagingStride, columns * 2, out_policy);
+          if (row >= 0 && lane * 8 < columns) {
+            const uint4 v =
+                *reinterpret_cast<const uint4*>(staging + t * L::kStagingStride + lane * 16);
+            ptx::red_add_bf16x8(p.out + size_t(row) * p.K + k_first + lane * 8, v, out_policy);
           }
         }
-        ptx::bulk_commit();
       }
       ring.advance();
     }
   }
-  ptx::bulk_wait();  // the reductions are complete before the CTA retires
   // No CTA leaves while a peer may still read its shared memory or arrive on its barriers.
   // barrier.cluster rather than another exchange: compute-sanitizer's racecheck understands it
   // (with an exchange it reported every DSMEM read as a read of a block that may have exited),
@@ -622,8 +637,7 @@ constexpr int kFullBlockTokens = 16;
 
 template <int T, int WGS>
 __global__ void __launch_bounds__((WGS + 1) * 128, 1)
-    fused_moe_kernel(const __grid_constant__ CUtensorMap x_map,
-                     const __grid_constant__ WeightMaps weights, const FusedMoeParams p) {
+    fused_moe_kernel(const __grid_constant__ WeightMaps weights, const FusedMoeParams p) {
   using L = SmemLayout<T, WGS>;
   // Slices of one token block are neighbours in launch order: they run at the same time, so
   // their halves of each w2 row (N/2 > 128) are read from DRAM together. The `split` CTAs of
@@ -635,7 +649,6 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
   // The tensor maps' descriptors are fetched while the routing loads are in flight, not on
   // the first TMA after them.
   if (tid == 0) {
-    ptx::prefetch_tensor_map(&x_map);
     ptx::prefetch_tensor_map(&weights.w);
     ptx::prefetch_tensor_map(&weights.w2);
     ptx::prefetch_tensor_map(&weights.w_stream);
@@ -721,7 +734,7 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
   // the branches made ptxas spill).
   if (tid < 128) {
     if constexpr (WGS > 1) ptx::setmaxnreg_dec<56>();
-    produce<T>(&x_map, p, info, ring, tid);
+    produce<T>(p, info, ring, tid);
   } else {
     if constexpr (WGS > 1) ptx::setmaxnreg_inc<224>();
     consume<T, WGS>(p, info, ring, act, staging, partial, amax,

@@ -13,7 +13,6 @@
 namespace amoe {
 
 struct FusedMoeLaunch {
-  CUtensorMap x_map;
   WeightMaps weights;
   FusedMoeParams params;
   dim3 grid;
@@ -78,8 +77,8 @@ template <int T, int WGS>
 int fused_moe_launch(const FusedMoeLaunch& l, int smem_bytes) {
   AMOE_TRY((configure_kernel<T, WGS>()));
   const LaunchConfig c(l.grid, (WGS + 1) * 128, smem_bytes, l.stream, l.params.split);
-  return check_cuda(cudaLaunchKernelEx(&c.config, fused_moe_kernel<T, WGS>, l.x_map,
-                                       l.weights, l.params),
+  return check_cuda(cudaLaunchKernelEx(&c.config, fused_moe_kernel<T, WGS>, l.weights,
+                                       l.params),
                     "fused_moe_kernel launch");
 }
 

@@ -1,6 +1,7 @@
 // ptx.cuh: thin wrappers over the Hopper (sm_90a) instructions the fused kernel uses:
-// mbarriers, TMA bulk tensor copies, cp.async, async-proxy fences, wgmma bookkeeping, cluster barriers and
-// distributed shared memory, named barriers, setmaxnreg and the bulk bf16 reduction.
+// mbarriers, TMA bulk tensor copies, cp.async, async-proxy fences, wgmma bookkeeping, cluster
+// barriers and distributed shared memory, named barriers, setmaxnreg and the vector bf16
+// reduction.
 #pragma once
 
 #include <cuda.h>
@@ -20,13 +21,6 @@ __device__ __forceinline__ void mbar_init(uint64_t* bar, uint32_t count) {
 // Makes barrier initialisation visible to the async proxy (TMA) before first use.
 __device__ __forceinline__ void fence_barrier_init() {
   asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-}
-
-__device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.release.cta.shared::cta.b64 _, [%0], %1;" ::"r"(
-                   smem_addr(bar)),
-               "r"(bytes)
-               : "memory");
 }
 
 // Raises the pending transaction count without arriving (the arrival comes later).
@@ -76,16 +70,7 @@ __device__ __forceinline__ void prefetch_tensor_map(const CUtensorMap* map) {
   asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
 }
 
-// Tile copies into shared memory, with an L2 eviction policy for the lines they read.
-__device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, uint64_t* bar,
-                                            int32_t c0, int32_t c1, uint64_t policy) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
-      ".L2::cache_hint [%0], [%1, {%3, %4}], [%2], %5;" ::"r"(smem_addr(dst)),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(smem_addr(bar)), "r"(c0), "r"(c1), "l"(policy)
-      : "memory");
-}
-
+// Tile copy into shared memory, with an L2 eviction policy for the lines it reads.
 __device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, uint64_t* bar,
                                             int32_t c0, int32_t c1, int32_t c2,
                                             uint64_t policy) {
@@ -103,6 +88,15 @@ __device__ __forceinline__ void tma_load_3d(void* dst, const CUtensorMap* map, u
 __device__ __forceinline__ void cp_async_4(void* dst, const void* src, uint32_t src_bytes) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;" ::"r"(smem_addr(dst)), "l"(src),
                "r"(src_bytes)
+               : "memory");
+}
+// Copies 16 bytes from global to shared memory through the async-copy unit, caching in L2
+// only and asking L2 for the 256-byte block around the source. No .L2::cache_hint: with it,
+// ptxas 13.0 emitted an LDGSTS that faults as an illegal instruction in the kernels of 24 or
+// more token columns (bench/NOTES.md, item 33).
+__device__ __forceinline__ void cp_async_16(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;" ::"r"(smem_addr(dst)),
+               "l"(src)
                : "memory");
 }
 // One of the barrier's expected arrivals, made once all of this thread's earlier cp.async
@@ -255,27 +249,13 @@ __device__ __forceinline__ void setmaxnreg_dec() {
 }
 
 // ---- output reduction ----
-// out[0 .. bytes/2) += smem[0 .. bytes/2) as bf16, done by the TMA engine in L2 (bytes a
-// multiple of 16, both addresses 16-byte aligned), with an L2 eviction policy for the lines of
-// out. Tracked per thread in bulk groups.
-__device__ __forceinline__ void bulk_reduce_add_bf16(void* out, const void* src, uint32_t bytes,
-                                                     uint64_t policy) {
-  asm volatile(
-      "cp.reduce.async.bulk.global.shared::cta.bulk_group.L2::cache_hint.add.noftz.bf16"
-      " [%0], [%1], %2, %3;" ::"l"(out),
-      "r"(smem_addr(src)), "r"(bytes), "l"(policy)
-      : "memory");
-}
-__device__ __forceinline__ void bulk_commit() {
-  asm volatile("cp.async.bulk.commit_group;" ::: "memory");
-}
-// Waits until this thread's bulk operations have finished reading shared memory.
-__device__ __forceinline__ void bulk_wait_read() {
-  asm volatile("cp.async.bulk.wait_group.read 0;" ::: "memory");
-}
-// Waits until this thread's bulk operations are complete.
-__device__ __forceinline__ void bulk_wait() {
-  asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+// out[0 .. 8) += v (eight bf16) in L2, one 16-byte vector reduction (out 16-byte aligned), with
+// an L2 eviction policy for the line.
+__device__ __forceinline__ void red_add_bf16x8(void* out, uint4 v, uint64_t policy) {
+  asm volatile("red.global.add.noftz.L2::cache_hint.v4.bf16x2 [%0], {%1, %2, %3, %4}, %5;" ::"l"(
+                   out),
+               "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w), "l"(policy)
+               : "memory");
 }
 
 }  // namespace amoe::ptx

@@ -73,10 +73,12 @@ constexpr int kKBlock = 128;                            // K bytes per stage = o
 constexpr int kWeightTileBytes = kSliceRows * kKBlock;  // 32 KiB
 constexpr int kProducerThreads = 128;  // warpgroup 0: every thread arrives on full[s]
 constexpr float kFp8Max = 448.0f;
-// The up projection promotes the FP8 partial sums to fp32 after every wgmma k32 step. Hopper's
-// FP8 accumulation keeps limited precision: promoting every 128 (DeepSeek's interval) left
-// rare large-element flips in the FP8 re-quantised intermediate, whole rows 2-3 % off the
-// reference (bench/NOTES.md).
+// The up projection promotes the FP8 partial sums to fp32 after every two wgmma k32 steps (K
+// 64). Hopper's FP8 accumulation keeps limited precision: promoting every 128 (DeepSeek's
+// interval) left rare large-element flips in the FP8 re-quantised intermediate, whole rows 2-3 %
+// off the reference. Every 32 cost twice the FFMAs, which the consumers' issue slots could not
+// spare: every 64 was 2-12 % faster at M >= 128 (bench/NOTES.md, item 35).
+constexpr int kUpPromoteSteps = 2;
 
 struct FusedMoeParams {
   const int32_t* sorted_token_ids;
@@ -338,11 +340,11 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
     b.tok_weight[ctid] = slot >= 0 ? p.topk_weights[slot] * p.scaling_factor : 0.0f;
   }
 
-  constexpr int kUpSteps = kTiles * 4;  // (m64 tile, k32 step) pairs per stage
+  constexpr int kUpGroups = kTiles * 4 / kUpPromoteSteps;  // promotions per stage
   // Buffers of FP8 partial sums in flight: the tensor cores fill the next ones while the
   // oldest is promoted. With few tokens a wgmma is short and its latency is what counts, so
   // small T keeps more of them queued (up to 8, within 64 registers); 2 (ping-pong) for large T.
-  constexpr int kDepth = std::min({kUpSteps, 8, std::max(2, 64 / kRegs)});
+  constexpr int kDepth = std::min({kUpGroups, 8, std::max(2, 64 / kRegs)});
   constexpr int kDownDepth = std::min(kTiles, kDepth);
   float acc[kTiles][kRegs];
   float part[kDepth][kRegs];
@@ -370,7 +372,7 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
       const uint8_t* st = ring.current();
       // The scale of each accumulator register (block scale of its gate or up row times its
       // token's x scale), read once per stage: the steps' asm memory clobbers would otherwise
-      // reload and re-multiply them at every k32 step, twice the promotion's own FFMAs.
+      // reload and re-multiply them at every promotion, twice the promotion's own FFMAs.
       float scale[T / 8][4];
       {
         const float* sc = reinterpret_cast<const float*>(st + L::kScaleOffset);
@@ -385,22 +387,29 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
           scale[j][3] = ws_up * x2.y;
         }
       }
-      auto issue = [&](int g) {  // step g = m * 4 + ks into part[g % kDepth]
+      // Group g: steps g * kUpPromoteSteps .. (g + 1) * kUpPromoteSteps - 1 (step = m * 4 + ks)
+      // accumulate in part[g % kDepth].
+      auto issue = [&](int g) {
         ptx::wgmma_fence();
-        WgmmaFp8<T>::mma(part[g % kDepth],
-                         ptx::sw128_desc(st + (wg_row0 + (g / 4) * 64) * kKBlock + (g % 4) * 32),
-                         ptx::sw128_desc(st + L::kXOffset + (g % 4) * 32), 0);
+#pragma unroll
+        for (int s = 0; s < kUpPromoteSteps; ++s) {
+          const int step = g * kUpPromoteSteps + s;
+          WgmmaFp8<T>::mma(
+              part[g % kDepth],
+              ptx::sw128_desc(st + (wg_row0 + (step / 4) * 64) * kKBlock + (step % 4) * 32),
+              ptx::sw128_desc(st + L::kXOffset + (step % 4) * 32), s);
+        }
         ptx::wgmma_commit();
       };
 #pragma unroll
       for (int g = 0; g < kDepth - 1; ++g) issue(g);
 #pragma unroll
-      for (int g = 0; g < kUpSteps; ++g) {
-        if (g + kDepth - 1 < kUpSteps) issue(g + kDepth - 1);
-        ptx::wgmma_wait_at_most(std::min(kDepth - 1, kUpSteps - 1 - g));  // step g is done
+      for (int g = 0; g < kUpGroups; ++g) {
+        if (g + kDepth - 1 < kUpGroups) issue(g + kDepth - 1);
+        ptx::wgmma_wait_at_most(std::min(kDepth - 1, kUpGroups - 1 - g));  // group g is done
         ptx::fence_operands(part[g % kDepth]);
         float(&done)[kRegs] = part[g % kDepth];
-        float(&into)[kRegs] = acc[g / 4];
+        float(&into)[kRegs] = acc[g * kUpPromoteSteps / 4];
         // Promote the FP8 partial sums to fp32 with both block scales: one FFMA each.
 #pragma unroll
         for (int j = 0; j < T / 8; ++j)
@@ -541,6 +550,12 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
     // ---- down projection and weighted accumulation into out ----
     // The consumers stage the tile's bf16 results as one 256-column row per token, so that a
     // warp adds a whole row into out with one instruction of 16-byte vector reductions.
+    // stmatrix row address of this lane: matrix i = lane / 8 is token group (i / 2) and
+    // fragment rows + 8 (i % 2); r = lane % 8 is the token within the group.
+    constexpr int kTokenGroupsPerStore = (T / 8) % 2 == 0 ? 2 : 1;
+    const uint32_t staging_lane =
+        ptx::smem_addr(staging) + (8 * ((lane >> 4) & 1) + (lane & 7)) * L::kStagingStride +
+        (wg_row0 + warp * 16 + 8 * ((lane >> 3) & 1)) * 2;
     for (int dt = b.dt_begin; dt < b.dt_end; ++dt) {
       ptx::mbar_wait(&ring.full[ring.stage], ring.phase);
       const uint8_t* st = ring.current();
@@ -571,24 +586,28 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
         ptx::fence_operands(part[m % kDepth]);
         const float(&y)[kRegs] = part[m % kDepth];
 
-        const int local0 = wg_row0 + m * 64 + warp * 16 + row_in_warp;  // column in the tile
-        const bool even = (row_in_warp & 1) == 0;
+        // Each 8x8 block of the fragment (8 output columns k of the tile, 8 tokens) is
+        // stored transposed by stmatrix, so the staging row of a token gets its 8 columns
+        // as 16 contiguous bytes; two token groups per instruction where T / 8 is even.
 #pragma unroll
-        for (int j = 0; j < T / 8; ++j) {
+        for (int j = 0; j < T / 8; j += kTokenGroupsPerStore) {
+          uint32_t packed[2 * kTokenGroupsPerStore];
 #pragma unroll
-          for (int half = 0; half < 2; ++half) {  // fragment rows local0 and local0 + 8
-            const float v0 = y[4 * j + 2 * half] * tile_scale[m] * col_factor[j][0];
-            const float v1 = y[4 * j + 2 * half + 1] * tile_scale[m] * col_factor[j][1];
-            // Pair columns (k, k+1) of one token in one thread for a 4-byte store: even rows
-            // keep token column 0 and take the odd neighbour's value of it; odd rows keep
-            // token column 1 and take the even neighbour's.
-            const float sent = even ? v1 : v0;
-            const float got = __shfl_xor_sync(0xffffffffu, sent, 4);
-            const int k = local0 + 8 * half - (even ? 0 : 1);
-            const int col = j * 8 + quad * 2 + (even ? 0 : 1);
-            const __nv_bfloat162 pair =
-                even ? __floats2bfloat162_rn(v0, got) : __floats2bfloat162_rn(got, v1);
-            *reinterpret_cast<__nv_bfloat162*>(staging + col * L::kStagingStride + k * 2) = pair;
+          for (int jj = 0; jj < kTokenGroupsPerStore; ++jj) {
+            const float f0 = tile_scale[m] * col_factor[j + jj][0];
+            const float f1 = tile_scale[m] * col_factor[j + jj][1];
+#pragma unroll
+            for (int half = 0; half < 2; ++half) {  // fragment rows row_in_warp, + 8
+              const __nv_bfloat162 v = __floats2bfloat162_rn(y[4 * (j + jj) + 2 * half] * f0,
+                                                             y[4 * (j + jj) + 2 * half + 1] * f1);
+              packed[2 * jj + half] = *reinterpret_cast<const uint32_t*>(&v);
+            }
+          }
+          const uint32_t addr = staging_lane + (m * 64) * 2 + j * 8 * L::kStagingStride;
+          if constexpr (kTokenGroupsPerStore == 2) {
+            ptx::stmatrix_trans_x4(addr, packed[0], packed[1], packed[2], packed[3]);
+          } else {
+            ptx::stmatrix_trans_x2(addr, packed[0], packed[1]);
           }
         }
       }

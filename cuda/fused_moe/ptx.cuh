@@ -248,6 +248,24 @@ __device__ __forceinline__ void setmaxnreg_dec() {
   asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(REGS));
 }
 
+// ---- stmatrix ----
+// Stores 8x8 bf16 matrices held in the mma accumulator layout (lane l: row l / 4, columns
+// 2 (l % 4) and 2 (l % 4) + 1 packed in one register), transposed: lane 8 i + r gives the
+// shared address of matrix i's row r (16 bytes), which receives the matrix's column r.
+__device__ __forceinline__ void stmatrix_trans_x4(uint32_t addr, uint32_t r0, uint32_t r1,
+                                                  uint32_t r2, uint32_t r3) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};" ::"r"(
+                   addr),
+               "r"(r0), "r"(r1), "r"(r2), "r"(r3)
+               : "memory");
+}
+// Two matrices: lanes 0..15 give the row addresses.
+__device__ __forceinline__ void stmatrix_trans_x2(uint32_t addr, uint32_t r0, uint32_t r1) {
+  asm volatile("stmatrix.sync.aligned.m8n8.x2.trans.shared.b16 [%0], {%1, %2};" ::"r"(addr),
+               "r"(r0), "r"(r1)
+               : "memory");
+}
+
 // ---- output reduction ----
 // out[0 .. 8) += v (eight bf16) in L2, one 16-byte vector reduction (out 16-byte aligned), with
 // an L2 eviction policy for the line.

@@ -48,8 +48,9 @@
 //
 // Output. Each down tile's results (times the block scale, the activation scale, the top-k
 // weight and the scaling factor) are rounded to bf16 into a staging tile, one 256-column row
-// per token (each consumer warpgroup writes its columns), and added into `out` by 16-byte
-// vector reductions (red.global.add.v4.bf16x2), one warp instruction per 512-byte row.
+// per token (each consumer warpgroup writes its columns, transposed out of the accumulator
+// layout by stmatrix), and added into `out` by 16-byte vector reductions
+// (red.global.add.v4.bf16x2), one warp instruction per 512-byte row.
 //
 // Shared-memory tiles are K-major rows of 128 bytes with the 128-byte swizzle (TMA writes the
 // weight tiles swizzled; the token rows and the activation tile are placed by hand in the same
@@ -77,7 +78,8 @@ constexpr float kFp8Max = 448.0f;
 // 64). Hopper's FP8 accumulation keeps limited precision: promoting every 128 (DeepSeek's
 // interval) left rare large-element flips in the FP8 re-quantised intermediate, whole rows 2-3 %
 // off the reference. Every 32 cost twice the FFMAs, which the consumers' issue slots could not
-// spare: every 64 was 2-12 % faster at M >= 128 (bench/NOTES.md, item 35).
+// spare: every 64 was 0.3-4 % faster at M = 128-2048 and up to 12 % at M = 8192
+// (bench/NOTES.md, item 36).
 constexpr int kUpPromoteSteps = 2;
 
 struct FusedMoeParams {

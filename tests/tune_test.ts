@@ -149,7 +149,7 @@ function syntheticMeasure(noise = 0.01): MeasureFn & { calls: number } {
   const cost = (c: KernelConfig): number =>
     100 + 4 * (Math.log2(c.blockM) - Math.log2(24)) ** 2 + 3 * (c.stages - 3) ** 2 +
     (c.blockN === 32 ? 0 : 5);
-  const fn = ((c: KernelConfig, run: { warmup: number; iterations: number }) => {
+  const fn = ((c: KernelConfig, run: Parameters<MeasureFn>[1]) => {
     fn.calls++;
     return Array.from({ length: run.iterations }, () => cost(c) * (1 + noise * (rand() - 0.5)));
   }) as MeasureFn & { calls: number };
@@ -170,6 +170,22 @@ Deno.test("searchConfigs: successive halving finds the minimum and times the bas
   assert.equal(measure.calls, 160 + 8 + 16);
   const chosen = chooseConfig(out);
   assert.equal(configKey(chosen.config), "24/32/8/3");
+});
+
+Deno.test("searchConfigs: each series says its round and repeat (the tuner's second routing)", () => {
+  const inner = syntheticMeasure();
+  const seen = new Map<string, number>();
+  const recording: MeasureFn = (c, run) => {
+    const key = `${run.round}:${run.series}`;
+    seen.set(key, (seen.get(key) ?? 0) + 1);
+    return inner(c, run);
+  };
+  searchConfigs(seedSpace(), recording, { rounds: defaultRounds(40), baseline: cfg(64, 32, 8, 3) });
+  // 160 single series, 8 single series, then the best 3 and the baseline in 4 repeats each.
+  assert.deepEqual(
+    [...seen].sort(),
+    [["0:0", 160], ["1:0", 8], ["2:0", 4], ["2:1", 4], ["2:2", 4], ["2:3", 4]],
+  );
 });
 
 Deno.test("searchConfigs: refused configs are skipped, fatal errors stop the search", () => {

@@ -1145,7 +1145,7 @@ export async function tuneConfigs(
       }, less what checkKernelConfig refuses`,
       pruning: "block_m <= max(16, 2 x the busiest expert's slots rounded up to 8); " +
         "split > 1 only while units x split <= 2 x SMs",
-      rounds: describeRounds(rounds),
+      rounds: `${describeRounds(rounds)}; the last round's odd series on a second routing draw`,
       keepDefaultWithin: KEEP_DEFAULT_WITHIN,
       budgetSeconds: budget,
       timing: "CUDA events around each launch on its own stream, L2 emptied (a buffer of twice " +

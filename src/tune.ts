@@ -207,8 +207,12 @@ export function tokensPerExpert(topkIds: Int32Array, numExperts: number): Int32A
 /** Pipeline stages searched (the seed's range; more rarely fits in shared memory). */
 export const TUNE_STAGES: readonly number[] = Object.freeze([1, 2, 3, 4, 5]);
 
-/** Split factors searched (CTAs per cluster sharing one unit of work; 1 = the seed's kernel). */
-export const TUNE_SPLITS: readonly number[] = Object.freeze([1, 2, 4, 8, 16]);
+/**
+ * Split factors searched (CTAs per cluster sharing one unit of work; 1 = the seed's kernel).
+ * 3, 5, 6 and 7 fill the SMs where a power of two leaves them idle or overfills them: 1-5 %
+ * at M = 2-4 (bench/RESULTS.md, 2026-11-27 session 7); 10-14 never won there.
+ */
+export const TUNE_SPLITS: readonly number[] = Object.freeze([1, 2, 3, 4, 5, 6, 7, 8, 16]);
 
 /**
  * The seed's search space (block_m 8..128 step 8 x (block_n, warp_n) pairs x stages 1..5), each

@@ -465,20 +465,25 @@ export function searchConfigs(
     if (last && options.baseline && !list.some((c) => sameConfig(c, options.baseline!))) {
       list.push(options.baseline);
     }
-    const samples = list.map(() => [] as number[]);
+    // Each config's time is the mean of its series' medians: the series may run on different
+    // routings (the tuner's last round), and a pooled median would hide one that is slower on
+    // a minority of them.
+    const series = list.map(() => [] as number[][]);
     const failed = new Set<number>();
     for (let r = 0; r < round.repeats; r++) {
       list.forEach((c, i) => {
         if (failed.has(i)) return;
         const got = tryMeasure(c, round.warmup, round.iterations, ri, r);
         if (got === null) failed.add(i);
-        else samples[i].push(...got);
+        else if (got.length > 0) series[i].push(got);
       });
     }
     scored = list.flatMap((c, i) =>
-      failed.has(i) || samples[i].length === 0
-        ? []
-        : [{ config: c, us: median(samples[i]), samples: samples[i].length }]
+      failed.has(i) || series[i].length === 0 ? [] : [{
+        config: c,
+        us: series[i].reduce((sum, s) => sum + median(s), 0) / series[i].length,
+        samples: series[i].reduce((n, s) => n + s.length, 0),
+      }]
     );
   }
   // With a single round, the baseline is timed like any candidate.
@@ -903,8 +908,8 @@ const silentReporter: TuneReporter = {
 interface BatchPlan {
   M: number;
   topkIds: Int32Array;
-  /** A second draw at the same balancedness, for the last round's odd series. */
-  otherTopkIds: Int32Array;
+  /** Further draws at the same balancedness: series r of the last round runs on draw r. */
+  moreTopkIds: Int32Array[];
   counts: Int32Array;
   candidates: KernelConfig[];
   floorBytes: number;
@@ -1021,13 +1026,19 @@ async function measureBatches(ctx: BatchContext, reporter: TuneReporter): Promis
       reporter.progress(configsDone, status(0));
 
       using dev = new DeviceMoeProblem(view(M, plan.topkIds), { weightsFrom: owner });
-      // The last round alternates its series between this routing and a second draw, so that
-      // the config shipped is not one that suits a single draw: on e512 M=512, 16/32/8/2 was
-      // the fastest on the tuner's routing and 6 % slower than 16/32/8/4 on bench:targets'.
-      using other = new DeviceMoeProblem(view(M, plan.otherTopkIds), { weightsFrom: owner });
+      // Series r of the last round runs on routing draw r (draw 0 is `dev`'s), so that the
+      // config shipped is not one that suits a single draw: the number of units of work, and
+      // with it how many are left over for a last partial wave of CTAs, changes from one draw
+      // to the next (e512 M=512 at block_m 16: 518-532 units; at 532, four past four waves of
+      // 132, 16/32/8/2 ran 8 % slower than on the others, 16/32/8/4 1 %).
       const lastRound = rounds.length - 1;
+      using moreDraws = new DisposableStack();
+      const draws = [dev];
+      for (const ids of lastRound > 0 ? plan.moreTopkIds : []) {
+        draws.push(moreDraws.use(new DeviceMoeProblem(view(M, ids), { weightsFrom: owner })));
+      }
       const measure: MeasureFn = (config, run) => {
-        const d = lastRound > 0 && run.round === lastRound && run.series % 2 === 1 ? other : dev;
+        const d = lastRound > 0 && run.round === lastRound ? draws[run.series % draws.length] : dev;
         return timer.time(
           () => d.run(config, { stream: timer.stream, outIsZeroed: true }),
           { warmup: run.warmup, iterations: run.iterations },
@@ -1149,7 +1160,7 @@ export async function tuneConfigs(
       }, less what checkKernelConfig refuses`,
       pruning: "block_m <= max(16, 2 x the busiest expert's slots rounded up to 8); " +
         "split > 1 only while units x split <= 2 x SMs",
-      rounds: `${describeRounds(rounds)}; the last round's odd series on a second routing draw`,
+      rounds: `${describeRounds(rounds)}; the last round's series each on its own routing draw`,
       keepDefaultWithin: KEEP_DEFAULT_WITHIN,
       budgetSeconds: budget,
       timing: "CUDA events around each launch on its own stream, L2 emptied (a buffer of twice " +
@@ -1219,7 +1230,8 @@ export async function tuneConfigs(
         seed: (seed * 1000003 + M * 7919 + salt) >>> 0,
       });
     const topkIds = draw(0);
-    const otherTopkIds = draw(104729);
+    const lastRepeats = rounds[rounds.length - 1].repeats;
+    const moreTopkIds = Array.from({ length: lastRepeats - 1 }, (_, j) => draw(104729 * (j + 1)));
     const counts = tokensPerExpert(topkIds, E);
     const limit = blockMLimit(Math.max(...counts));
     const candidates = runnable.filter((c) =>
@@ -1235,7 +1247,7 @@ export async function tuneConfigs(
       rounds,
       options.unfused ?? true,
     );
-    return { M, topkIds, otherTopkIds, counts, candidates, floorBytes, predicted };
+    return { M, topkIds, moreTopkIds, counts, candidates, floorBytes, predicted };
   });
   const todo = plans.filter((p) => !results.has(p.M));
   const totalConfigs = todo.reduce((s, p) => s + p.candidates.length, 0);

@@ -33,6 +33,7 @@ import {
   readResultsFile,
   resultsList,
   resultsPathFor,
+  sameConfig,
   searchConfigs,
   searchSpace,
   SEED_BATCH_SIZES,
@@ -172,7 +173,7 @@ Deno.test("searchConfigs: successive halving finds the minimum and times the bas
   assert.equal(configKey(chosen.config), "24/32/8/3");
 });
 
-Deno.test("searchConfigs: each series says its round and repeat (the tuner's second routing)", () => {
+Deno.test("searchConfigs: each series says its round and repeat (the tuner's routing draws)", () => {
   const inner = syntheticMeasure();
   const seen = new Map<string, number>();
   const recording: MeasureFn = (c, run) => {
@@ -186,6 +187,24 @@ Deno.test("searchConfigs: each series says its round and repeat (the tuner's sec
     [...seen].sort(),
     [["0:0", 160], ["1:0", 8], ["2:0", 4], ["2:1", 4], ["2:2", 4], ["2:3", 4]],
   );
+});
+
+Deno.test("searchConfigs: the last round averages its series, so one slow routing counts", () => {
+  // Config A is 1 % faster than B on three series (routings) and 15 % slower on the fourth: a
+  // pooled median of its samples would rank it first, the mean of the series' medians does not.
+  const a = cfg(16, 32, 8, 2), b = cfg(16, 32, 8, 4);
+  const measure: MeasureFn = (c, run) => {
+    const us = sameConfig(c, a) ? (run.round === 1 && run.series === 3 ? 115 : 100) : 101;
+    return Array.from({ length: run.iterations }, () => us);
+  };
+  const rounds = [
+    { keep: Infinity, warmup: 0, iterations: 3, repeats: 1 },
+    { keep: 2, warmup: 0, iterations: 10, repeats: 4 },
+  ];
+  const out = searchConfigs([a, b], measure, { rounds });
+  assert.deepEqual(out.ranked.map((m) => configKey(m.config)), ["16/32/8/4", "16/32/8/2"]);
+  assert.equal(out.ranked[1].us, 103.75);
+  assert.equal(out.ranked[1].samples, 40);
 });
 
 Deno.test("searchConfigs: refused configs are skipped, fatal errors stop the search", () => {

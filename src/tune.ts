@@ -535,13 +535,16 @@ export interface BatchResult {
   default?: Measured;
   /** Median µs of the unfused baseline, if timed. */
   unfusedUs?: number;
-  /** The memory floor in µs (bytes / measured copy bandwidth). */
+  /**
+   * The memory floor in µs (bytes / measured copy bandwidth), averaged over the routing draws
+   * of the last round, as the times are.
+   */
   floorUs: number;
   /** Bytes behind {@link floorUs}. */
   floorBytes: number;
-  /** Distinct experts the routing touches. */
+  /** Distinct experts the first routing draw touches. */
   distinctExperts: number;
-  /** Slots of the busiest expert. */
+  /** Slots of the busiest expert in the first routing draw. */
   maxTokensPerExpert: number;
   /** Configs in the first round (after pruning). */
   candidates: number;
@@ -1034,7 +1037,7 @@ async function measureBatches(ctx: BatchContext, reporter: TuneReporter): Promis
       const lastRound = rounds.length - 1;
       using moreDraws = new DisposableStack();
       const draws = [dev];
-      for (const ids of lastRound > 0 ? plan.moreTopkIds : []) {
+      for (const ids of plan.moreTopkIds) {
         draws.push(moreDraws.use(new DeviceMoeProblem(view(M, ids), { weightsFrom: owner })));
       }
       const measure: MeasureFn = (config, run) => {
@@ -1230,15 +1233,20 @@ export async function tuneConfigs(
         seed: (seed * 1000003 + M * 7919 + salt) >>> 0,
       });
     const topkIds = draw(0);
-    const lastRepeats = rounds[rounds.length - 1].repeats;
-    const moreTopkIds = Array.from({ length: lastRepeats - 1 }, (_, j) => draw(104729 * (j + 1)));
+    // One draw per series of the last round (a single round runs on the first draw only).
+    const draws = rounds.length > 1 ? rounds[rounds.length - 1].repeats : 1;
+    const moreTopkIds = Array.from({ length: draws - 1 }, (_, j) => draw(104729 * (j + 1)));
     const counts = tokensPerExpert(topkIds, E);
     const limit = blockMLimit(Math.max(...counts));
     const candidates = runnable.filter((c) =>
       c.blockM <= limit &&
       worthSplitting(c.split ?? 1, unitsOfWork(counts, c.blockM, N), info.smCount)
     );
-    const floorBytes = memoryFloorBytes({ M, K, N, numExperts: E, topK }, topkIds);
+    // The floor beside a reported time is of the draws that time is the mean over.
+    const floorBytes = [topkIds, ...moreTopkIds].reduce(
+      (sum, ids) => sum + memoryFloorBytes({ M, K, N, numExperts: E, topK }, ids),
+      0,
+    ) / (1 + moreTopkIds.length);
     const predicted = predictSeconds(
       shape,
       M,

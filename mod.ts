@@ -119,7 +119,9 @@ export {
   fusedMoeW8A8UpDown,
   type TensorLike,
   validateFusedMoeArgs,
+  type WeightLayout,
 } from "./src/fused_moe.ts";
+export { tiledDownRows, tileDownWeights, tileUpWeights } from "./src/tiles.ts";
 // ---- config files per card and shape, the unfused baseline, tuning and plots ----
 export {
   BUNDLED_CONFIG_DIR,

@@ -128,17 +128,44 @@ PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
   return fn;
 }
 
-// A K-major FP8 tensor of 3 dims (dim 0 contiguous; the expert is dim 2), read in 128-byte-wide
-// boxes with the 128-byte swizzle the wgmma descriptors expect.
+// A weight tensor read in 32 KiB tiles (256 rows of 128 bytes) with the 128-byte swizzle the
+// wgmma descriptors expect, as a 5-dim map with a box of (128 bytes, 256 rows, 1, 1, 1); the
+// kernel's coordinates are (0, c1, c2, slice, expert) (issue_weight_tile).
 struct MapKey {
   int64_t device;  // 64-bit so the key has no padding bytes (compared with memcmp)
   const void* base;
-  uint64_t dims[3];
-  uint32_t box[2];
-  uint32_t promote_l2;  // 1: CU_TENSOR_MAP_L2_PROMOTION_L2_256B, 0: none
-  uint32_t unused;      // keeps the key free of padding bytes
+  uint64_t dims[5];
+  uint64_t strides[4];  // bytes, of dims 1..4
+  uint64_t promote_l2;  // 1: CU_TENSOR_MAP_L2_PROMOTION_L2_256B, 0: none
   bool operator==(const MapKey& o) const { return std::memcmp(this, &o, sizeof o) == 0; }
 };
+
+constexpr uint64_t kTileBytes = uint64_t(kSliceRows) * kKBlock;
+
+// Up tiles, (K block, slice, expert): row-major [E, N, K] (rows K bytes apart) or stored tiles.
+MapKey w_key(int64_t device, const void* w, int K, int N, int E, bool tiled, bool promote) {
+  const uint64_t kblocks = K / kKBlock, slices = N / kSliceRows;
+  const uint64_t dims[5] = {kKBlock, kSliceRows, kblocks, slices, uint64_t(E)};
+  if (!tiled) {
+    return MapKey{device, w, {dims[0], dims[1], dims[2], dims[3], dims[4]},
+                  {uint64_t(K), kKBlock, kSliceRows * uint64_t(K), uint64_t(N) * K}, promote};
+  }
+  return MapKey{device, w, {dims[0], dims[1], dims[2], dims[3], dims[4]},
+                {kKBlock, kTileBytes, kTileBytes * kblocks, uint64_t(N) * K}, promote};
+}
+
+// Down tiles. Row-major [E, K, N/2]: (row, 1, slice, expert), all K rows in dim 1, so that the
+// last tile's rows past K (K % 256 == 128) read as zeros. Stored tiles: (tile, slice, expert).
+MapKey w2_key(int64_t device, const void* w2, int K, int N, int E, bool tiled, bool promote) {
+  const uint64_t slices = N / kSliceRows, tiles = (K + kSliceRows - 1) / kSliceRows;
+  const uint64_t row = N / 2;
+  if (!tiled) {
+    return MapKey{device, w2, {kKBlock, uint64_t(K), 1, slices, uint64_t(E)},
+                  {row, row * K, kKBlock, row * K}, promote};
+  }
+  return MapKey{device, w2, {kKBlock, kSliceRows, tiles, slices, uint64_t(E)},
+                {kKBlock, kTileBytes, kTileBytes * tiles, kTileBytes * tiles * slices}, promote};
+}
 
 struct MapCache {
   static constexpr int kSlots = 64;
@@ -161,22 +188,25 @@ int tensor_map(const MapKey& key, CUtensorMap* out) {
   if (encode == nullptr) {
     return fail(AMOE_ERR_CUDA, "cuTensorMapEncodeTiled is unavailable: the driver is too old");
   }
-  cuuint64_t dims[3], strides[2];
-  cuuint32_t box[3] = {key.box[0], key.box[1], 1}, elem_strides[3] = {1, 1, 1};
-  for (int d = 0; d < 3; ++d) dims[d] = key.dims[d];
-  strides[0] = key.dims[0];
-  strides[1] = key.dims[0] * key.dims[1];
+  cuuint64_t dims[5], strides[4];
+  cuuint32_t box[5] = {kKBlock, kSliceRows, 1, 1, 1}, elem_strides[5] = {1, 1, 1, 1, 1};
+  for (int d = 0; d < 5; ++d) dims[d] = key.dims[d];
+  for (int d = 0; d < 4; ++d) strides[d] = key.strides[d];
   CUtensorMap map;
-  const CUresult r = encode(&map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 3, const_cast<void*>(key.base),
-                            dims, strides, box, elem_strides, CU_TENSOR_MAP_INTERLEAVE_NONE,
+  const CUresult r = encode(&map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 5,
+                            const_cast<void*>(key.base), dims, strides, box, elem_strides,
+                            CU_TENSOR_MAP_INTERLEAVE_NONE,
                             CU_TENSOR_MAP_SWIZZLE_128B,
                             key.promote_l2 ? CU_TENSOR_MAP_L2_PROMOTION_L2_256B
                                            : CU_TENSOR_MAP_L2_PROMOTION_NONE,
                             CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   if (r != CUDA_SUCCESS) {
-    return fail(AMOE_ERR_CUDA, "cuTensorMapEncodeTiled failed (CUresult %d) for a [%llu, %llu, %llu] tensor",
-                int(r), (unsigned long long)key.dims[0], (unsigned long long)key.dims[1],
-                (unsigned long long)key.dims[2]);
+    return fail(AMOE_ERR_CUDA,
+                "cuTensorMapEncodeTiled failed (CUresult %d) for a weight tensor viewed as [%llu, "
+                "%llu, %llu, %llu, %llu]",
+                int(r), (unsigned long long)key.dims[0],
+                (unsigned long long)key.dims[1], (unsigned long long)key.dims[2],
+                (unsigned long long)key.dims[3], (unsigned long long)key.dims[4]);
   }
   const int slot = cache.used < MapCache::kSlots ? cache.used++ : cache.next++ % MapCache::kSlots;
   cache.keys[slot] = key;
@@ -212,7 +242,7 @@ int amoe_fused_moe_w8a8_up_down(const void* x, const float* x_scale, const void*
                                 void* out, int32_t M, int32_t K, int32_t N, int32_t num_experts,
                                 int32_t top_k, int32_t sorted_len, int32_t block_m, int32_t block_n,
                                 int32_t warp_n, int32_t stages, int32_t split,
-                                float scaling_factor, void* stream) {
+                                int32_t weight_layout, float scaling_factor, void* stream) {
   using namespace amoe;
   AMOE_REQUIRE(x && x_scale && w && w_scale && w2 && w2_scale && sorted_token_ids && expert_ids &&
                    num_tokens_post_padded && topk_weights && out,
@@ -225,6 +255,9 @@ int amoe_fused_moe_w8a8_up_down(const void* x, const float* x_scale, const void*
   AMOE_REQUIRE(int64_t(M) * top_k <= INT32_MAX, "M * top_k overflows int32");
   AMOE_REQUIRE(sorted_len >= 0, "sorted_len must be >= 0, got %d", sorted_len);
   AMOE_REQUIRE(std::isfinite(scaling_factor), "scaling_factor must be finite");
+  AMOE_REQUIRE(weight_layout == AMOE_WEIGHTS_ROWS || weight_layout == AMOE_WEIGHTS_TILES,
+               "weight_layout must be AMOE_WEIGHTS_ROWS (0) or AMOE_WEIGHTS_TILES (1), got %d",
+               weight_layout);
   AMOE_REQUIRE(aligned(x, 16) && aligned(w, 16) && aligned(w2, 16),
                "x, w and w2 must be 16-byte aligned (TMA)");
   AMOE_REQUIRE(aligned(out, 16), "out must be 16-byte aligned (vector reductions)");
@@ -242,21 +275,18 @@ int amoe_fused_moe_w8a8_up_down(const void* x, const float* x_scale, const void*
   int device = 0;
   AMOE_CUDA(cudaGetDevice(&device));
   FusedMoeLaunch l;
-  const uint32_t kb = kKBlock, rows = kSliceRows;
-  const uint64_t w_dims[3] = {uint64_t(K), uint64_t(N), uint64_t(num_experts)};
-  const uint64_t w2_dims[3] = {uint64_t(N / 2), uint64_t(K), uint64_t(num_experts)};
-  for (const uint32_t promote : {1u, 0u}) {  // the two versions of WeightMaps
-    AMOE_TRY(tensor_map(MapKey{device, w, {w_dims[0], w_dims[1], w_dims[2]}, {kb, rows}, promote},
+  const bool tiled = weight_layout == AMOE_WEIGHTS_TILES;
+  for (const bool promote : {true, false}) {  // the two versions of WeightMaps
+    AMOE_TRY(tensor_map(w_key(device, w, K, N, num_experts, tiled, promote),
                         promote ? &l.weights.w : &l.weights.w_stream));
-    AMOE_TRY(tensor_map(
-        MapKey{device, w2, {w2_dims[0], w2_dims[1], w2_dims[2]}, {kb, rows}, promote},
-        promote ? &l.weights.w2 : &l.weights.w2_stream));
+    AMOE_TRY(tensor_map(w2_key(device, w2, K, N, num_experts, tiled, promote),
+                        promote ? &l.weights.w2 : &l.weights.w2_stream));
   }
   l.params = FusedMoeParams{sorted_token_ids, expert_ids, num_tokens_post_padded,
                             static_cast<const uint8_t*>(x), x_scale,
                             w_scale, w2_scale, topk_weights,
                             static_cast<__nv_bfloat16*>(out), M, K, N, top_k, block_m, stages,
-                            split, sorted_len, scaling_factor};
+                            split, tiled ? 1 : 0, sorted_len, scaling_factor};
   // moe_align_block_size pads each expert's run of slots to a multiple of block_m, so at most
   // floor(slots / block_m) + min(E, slots) blocks hold tokens; the rest of sorted_len is
   // padding whose CTAs would only start and exit (at M=1 on E=257, 217 of 226 blocks: 13 waves

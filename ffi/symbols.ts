@@ -93,8 +93,8 @@ export const SYMBOLS = {
    *     const int32_t* expert_ids, const int32_t* num_tokens_post_padded,
    *     const float* topk_weights, void* out, int32_t M, int32_t K, int32_t N,
    *     int32_t num_experts, int32_t top_k, int32_t sorted_len, int32_t block_m,
-   *     int32_t block_n, int32_t warp_n, int32_t stages, int32_t split, float scaling_factor,
-   *     void* stream);
+   *     int32_t block_n, int32_t warp_n, int32_t stages, int32_t split,
+   *     int32_t weight_layout, float scaling_factor, void* stream);
    *
    * All eleven array arguments are device pointers.
    */
@@ -122,6 +122,7 @@ export const SYMBOLS = {
       "i32", // warp_n
       "i32", // stages
       "i32", // split
+      "i32", // weight_layout (AMOE_WEIGHTS_ROWS 0, AMOE_WEIGHTS_TILES 1)
       "f32", // scaling_factor
       "pointer", // stream
     ],

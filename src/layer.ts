@@ -15,7 +15,8 @@
  * steps 1-3 are one launch instead, **prologue** (`moePrologue`), with the same results bit for
  * bit: at M = 1 each launch costs more than its work.
  *
- * The experts' weights are uploaded once (gate/up interleaved for the kernel at upload). The
+ * The experts' weights are uploaded once, gate/up interleaved and in the kernel's stored tiles
+ * (`weightLayout: "tiles"`, 2-4 % faster where the layer is bound by memory). The
  * scratch buffers of a token count are allocated by its first forward and reused after, so a
  * forward allocates nothing (and can be captured in a CUDA graph) once a count has been seen.
  *
@@ -39,6 +40,7 @@ import { configProblem, type KernelConfig, pickConfig } from "./config.ts";
 import { CudaEvent, Stream } from "./device.ts";
 import { fusedMoeW8A8UpDown } from "./fused_moe.ts";
 import { interleaveGateUp } from "./interleave.ts";
+import { tiledDownRows, tileDownWeights, tileUpWeights } from "./tiles.ts";
 import { fusedMoeReference, moeAlignBlockSize, quantizePerTokenGroup } from "./reference.ts";
 import {
   alignBlockSize,
@@ -299,7 +301,7 @@ export class MoeLayer implements Disposable {
       this.stream = options.stream ?? keep(new Stream());
       this.#w = keep(DeviceBuffer.alloc("fp8_e4m3", [E, N, K]));
       this.#wScale = keep(DeviceBuffer.alloc("f32", [E, N / 128, K / 128]));
-      this.#w2 = keep(DeviceBuffer.alloc("fp8_e4m3", [E, K, N / 2]));
+      this.#w2 = keep(DeviceBuffer.alloc("fp8_e4m3", [E, tiledDownRows(K), N / 2]));
       this.#w2Scale = keep(DeviceBuffer.alloc("f32", [E, K / 128, N / 256]));
       if (options.correctionBias !== undefined) {
         this.#bias = keep(
@@ -361,7 +363,7 @@ export class MoeLayer implements Disposable {
   }
 
   /** Uploads expert `index` (routed experts first, the shared one last), interleaving gate
-   * and up rows for the kernel. Synchronous. */
+   * and up rows and storing both weights as the kernel's tiles. Synchronous. */
   setExpert(index: number, weights: ExpertWeights): void {
     this.#alive();
     if (!Number.isSafeInteger(index) || index < 0 || index >= this.numExperts) {
@@ -369,13 +371,13 @@ export class MoeLayer implements Disposable {
     }
     const N = this.N, K = this.hiddenSize;
     checkExpert(index, weights, N, K);
-    uploadAt(this.#w, index * N * K, interleaveGateUp(weights.w13, [N, K], 8));
+    uploadAt(this.#w, index * N * K, tileUpWeights(interleaveGateUp(weights.w13, [N, K], 8), N, K));
     uploadAt(
       this.#wScale,
       index * (N / 128) * (K / 128),
       interleaveGateUp(weights.w13Scale, [N / 128, K / 128], 1),
     );
-    uploadAt(this.#w2, index * K * (N / 2), weights.w2);
+    uploadAt(this.#w2, index * tiledDownRows(K) * (N / 2), tileDownWeights(weights.w2, N, K));
     uploadAt(this.#w2Scale, index * (K / 128) * (N / 256), weights.w2Scale);
     this.#loaded[index] = 1;
   }
@@ -603,6 +605,7 @@ export class MoeLayer implements Disposable {
         scalingFactor: this.routedScalingFactor,
         stream,
         outIsZeroed: true,
+        weightLayout: "tiles",
       },
     );
     options.onStep?.("done");

@@ -9,9 +9,10 @@ import { DeviceBuffer } from "./buffer.ts";
 import { decodeBf16 } from "./codecs.ts";
 import type { KernelConfig } from "./config.ts";
 import type { Stream } from "./device.ts";
-import { type FusedMoeTensors, fusedMoeW8A8UpDown } from "./fused_moe.ts";
+import { type FusedMoeTensors, fusedMoeW8A8UpDown, type WeightLayout } from "./fused_moe.ts";
 import type { MoeProblem } from "./random.ts";
 import { type AlignedRouting, moeAlignBlockSize } from "./reference.ts";
+import { tiledDownRows, tileDownWeights, tileUpWeights } from "./tiles.ts";
 
 /** Options of {@link DeviceMoeProblem}. */
 export interface DeviceMoeProblemOptions {
@@ -22,6 +23,12 @@ export interface DeviceMoeProblemOptions {
    * again; they stay owned by it.
    */
   weightsFrom?: DeviceMoeProblem;
+  /**
+   * How {@link DeviceMoeProblem.run} passes the weights to the kernel; default `"tiles"` (the
+   * layout `MoeLayer` uses). The row-major weights are uploaded either way (the unfused
+   * baseline and {@link DeviceMoeProblem.tensors} use them).
+   */
+  weightLayout?: WeightLayout;
 }
 
 interface DeviceRouting {
@@ -52,6 +59,7 @@ export class DeviceMoeProblem implements Disposable {
     FusedMoeTensors<DeviceBuffer>,
     "sortedTokenIds" | "expertIds" | "numTokensPostPadded"
   >;
+  readonly #tiles?: { w: DeviceBuffer<"fp8_e4m3">; w2: DeviceBuffer<"fp8_e4m3"> };
   readonly #topkIds: Int32Array;
   readonly #drop: ReadonlySet<number>;
   readonly #routing = new Map<number, DeviceRouting>();
@@ -90,6 +98,18 @@ export class DeviceMoeProblem implements Disposable {
         topkWeights: up(DeviceBuffer.from("f32", [M, topK], problem.topkWeights)),
         out: up(DeviceBuffer.alloc("bf16", [M, K])),
       };
+      if ((options.weightLayout ?? "tiles") === "tiles") {
+        this.#tiles = (options.weightsFrom ? options.weightsFrom.#tiles : undefined) ?? {
+          w: up(DeviceBuffer.from("fp8_e4m3", [E, N, K], tileUpWeights(problem.w, N, K))),
+          w2: up(
+            DeviceBuffer.from(
+              "fp8_e4m3",
+              [E, tiledDownRows(K), N / 2],
+              tileDownWeights(problem.w2, N, K),
+            ),
+          ),
+        };
+      }
     } catch (error) {
       for (const b of made) b.free();
       throw error;
@@ -141,13 +161,19 @@ export class DeviceMoeProblem implements Disposable {
 
   /** Enqueues the fused kernel with `config` (zeroing {@link out} first unless told not to). */
   run(config: KernelConfig, options: { stream?: Stream; outIsZeroed?: boolean } = {}): void {
-    fusedMoeW8A8UpDown(this.tensors(config.blockM), {
+    fusedMoeW8A8UpDown({ ...this.tensors(config.blockM), ...this.#tiles }, {
       topK: this.topK,
       config,
       scalingFactor: this.scalingFactor,
       stream: options.stream,
       outIsZeroed: options.outIsZeroed,
+      weightLayout: this.#tiles ? "tiles" : "rows",
     });
+  }
+
+  /** How {@link run} passes the weights (see {@link DeviceMoeProblemOptions.weightLayout}). */
+  get weightLayout(): WeightLayout {
+    return this.#tiles ? "tiles" : "rows";
   }
 
   /** Downloads {@link out} as float32 (synchronous: waits for the work before it). */

@@ -1,8 +1,9 @@
 /**
  * `deno task sanitize`: runs the fused kernel once per (block_n, warp_n) pair, without and with
- * split units (clusters of 4), on a small random problem under compute-sanitizer (memcheck, then
- * racecheck), with the -lineinfo build. block_m 8 leaves the routing's last block part-filled
- * (sorted_len 167), which the kernel must not read past.
+ * split units (clusters of 4), with both weight layouts, on a small random problem under
+ * compute-sanitizer (memcheck, then racecheck), with the -lineinfo build. block_m 8 leaves the
+ * routing's last block part-filled, which the kernel must not read past; K = 384 leaves the last
+ * down tile half past K (zero-filled from row-major weights, padding in stored tiles).
  * `--child` is the part that runs under the sanitizer.
  *
  * @module
@@ -18,22 +19,24 @@ const PAIRS = [[64, 4], [32, 8]] as const;
 function child(): void {
   const p = makeRandomMoeProblem({
     M: 37,
-    K: 512,
+    K: 384,
     N: 512,
     numExperts: 8,
     topK: 3,
     blockM: 8,
     seed: 11,
   });
-  using dev = new DeviceMoeProblem(p, { dropExperts: [2] });
-  const ref = fusedMoeReference({ ...p, ...dev.routing(8), requant: true });
-  for (const [blockN, warpN] of PAIRS) {
-    for (const split of [1, 4]) {
-      dev.run({ blockM: 8, blockN, warpN, stages: 2, split });
-      const err = relativeL2(dev.readOut(), ref);
-      const what = `(${blockN}, ${warpN}) split ${split}`;
-      console.log(`${what}: relative L2 ${err.toExponential(3)}`);
-      if (!(err <= 1e-2)) throw new Error(`${what} is wrong under the sanitizer`);
+  for (const weightLayout of ["tiles", "rows"] as const) {
+    using dev = new DeviceMoeProblem(p, { dropExperts: [2], weightLayout });
+    const ref = fusedMoeReference({ ...p, ...dev.routing(8), requant: true });
+    for (const [blockN, warpN] of PAIRS) {
+      for (const split of [1, 4]) {
+        dev.run({ blockM: 8, blockN, warpN, stages: 2, split });
+        const err = relativeL2(dev.readOut(), ref);
+        const what = `${weightLayout}, (${blockN}, ${warpN}) split ${split}`;
+        console.log(`${what}: relative L2 ${err.toExponential(3)}`);
+        if (!(err <= 1e-2)) throw new Error(`${what} is wrong under the sanitizer`);
+      }
     }
   }
 }

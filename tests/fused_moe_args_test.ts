@@ -57,6 +57,25 @@ Deno.test("validateFusedMoeArgs names the tensor that does not fit", () => {
   }
 });
 
+Deno.test("validateFusedMoeArgs: stored tiles take w2 with K rounded up to 256 rows", () => {
+  const K = 384, N = 512, E = 9;
+  const tiles = { ...tensors(5, K, N, E), w2: t("fp8_e4m3", E, 512, N / 2) };
+  assert.equal(validateFusedMoeArgs(tiles, 4, config, "tiles").K, K);
+  assert.throws(
+    () => validateFusedMoeArgs(tensors(5, K, N, E), 4, config, "tiles"),
+    /w2 .* expected fp8_e4m3 \[9, 512, 256\]/,
+  );
+  assert.throws(
+    () => validateFusedMoeArgs(tiles, 4, config, "rows"),
+    /w2 .* expected fp8_e4m3 \[9, 384, 256\]/,
+  );
+  assert.throws(
+    // @ts-expect-error: not a layout
+    () => validateFusedMoeArgs(tensors(), 4, config, "columns"),
+    /weightLayout must be "rows" or "tiles", got columns/,
+  );
+});
+
 Deno.test("validateFusedMoeArgs refuses shapes and configs the kernel cannot run", () => {
   assert.throws(() => validateFusedMoeArgs(tensors(5, 200), 4, config), /K \(200\)/);
   assert.throws(() => validateFusedMoeArgs(tensors(5, 256, 384), 4, config), /N \(384\)/);

@@ -5,7 +5,7 @@ import { DeviceBuffer } from "../src/buffer.ts";
 import { decodeBf16, encodeBf16 } from "../src/codecs.ts";
 import type { KernelConfig } from "../src/config.ts";
 import { CudaGraph, Stream } from "../src/device.ts";
-import { checkKernelConfig, fusedMoeW8A8UpDown } from "../src/fused_moe.ts";
+import { checkKernelConfig, fusedMoeW8A8UpDown, type WeightLayout } from "../src/fused_moe.ts";
 import { interleaveGateUp } from "../src/interleave.ts";
 import { DeviceMoeProblem } from "../src/problem.ts";
 import { makeRandomMoeProblem, type MoeProblem } from "../src/random.ts";
@@ -124,7 +124,10 @@ gpuTest("golden moe_small / moe_medium through the kernel: <= 1 % of out_requant
  * The small shape of the config sweeps (K = 384: 3 K blocks, 2 down tiles; N = 512: 2 slices),
  * on the GPU with expert 5 dropped, and its requant reference.
  */
-function smallShape(seed: number): { p: MoeProblem; dev: DeviceMoeProblem; ref: Float32Array } {
+function smallShape(
+  seed: number,
+  weightLayout: WeightLayout = "tiles",
+): { p: MoeProblem; dev: DeviceMoeProblem; ref: Float32Array } {
   const p = makeRandomMoeProblem({
     M: 45,
     K: 384,
@@ -134,9 +137,29 @@ function smallShape(seed: number): { p: MoeProblem; dev: DeviceMoeProblem; ref: 
     blockM: 8,
     seed,
   });
-  const dev = new DeviceMoeProblem(p, { dropExperts: [5] });
+  const dev = new DeviceMoeProblem(p, { dropExperts: [5], weightLayout });
   return { p, dev, ref: references(dev, p, 8).requant };
 }
+
+// The other tests run on stored tiles (DeviceMoeProblem's default, what MoeLayer uploads).
+// K = 384 leaves the last down tile half past K: zero-filled from row-major weights, zero
+// padding in stored tiles.
+gpuTest("row-major weights (the seed's layout) give the reference too", () => {
+  const { dev: d, ref } = smallShape(7, "rows");
+  using dev = d;
+  assert.equal(dev.weightLayout, "rows");
+  let worst = 0;
+  for (const [blockM, split] of [[8, 1], [24, 1], [64, 1], [16, 3], [8, 8]]) {
+    for (const [bn, wn] of PAIRS) {
+      dev.run(cfg(blockM, bn, wn, 3, split));
+      worst = Math.max(
+        worst,
+        assertClose(dev.readOut(), ref, `rows: block_m ${blockM} (${bn}, ${wn}) split ${split}`),
+      );
+    }
+  }
+  console.log(`10 configs on row-major weights, worst relative L2 ${worst.toExponential(3)}`);
+});
 
 gpuTest("every block_m, both (block_n, warp_n) pairs, stages 1..5 on a small shape", () => {
   const { dev: d, ref } = smallShape(3);

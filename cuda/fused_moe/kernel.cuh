@@ -55,6 +55,12 @@
 // Shared-memory tiles are K-major rows of 128 bytes with the 128-byte swizzle (TMA writes the
 // weight tiles swizzled; the token rows and the activation tile are placed by hand in the same
 // pattern).
+//
+// Weight layouts. Row-major weights (the seed's [E, N, K] and [E, K, N/2]) make each 32 KiB
+// tile 256 runs of 128 bytes, K or N/2 bytes apart. Stored tiles (AMOE_WEIGHTS_TILES, made once
+// at load time) hold each tile's 256 rows of 128 bytes contiguously; the TMA unit reads them
+// the same way and writes the same swizzled stage. Streamed from DRAM by every SM, contiguous
+// tiles ran at 2970 GB/s against 2775 (bench/NOTES.md, item 42).
 #pragma once
 
 #include <cuda.h>
@@ -94,6 +100,7 @@ struct FusedMoeParams {
   __nv_bfloat16* out;  // [M, K]
   int32_t M, K, N, top_k, block_m, stages;
   int32_t split;  // CTAs per cluster sharing one (token block, N slice) unit
+  int32_t tiled;  // weights stored as whole tiles (AMOE_WEIGHTS_TILES), else row-major
   int32_t sorted_len;  // entries of sorted_token_ids; expert_ids has ceil(sorted_len / block_m)
   float scaling_factor;
 };
@@ -217,25 +224,28 @@ __device__ __forceinline__ int first_pass_stages(const BlockInfo& b, int stages)
 // the token and output rows that other CTAs come back to. Several blocks of one expert run
 // side by side and each reads the weights: there, and in blocks of a few tokens, evict-first
 // cost up to 8 % (bench/NOTES.md, item 29).
-__device__ __forceinline__ void issue_weight_tile(const BlockInfo& b, uint8_t* st, uint64_t* full,
-                                                  int i) {
+__device__ __forceinline__ void issue_weight_tile(const BlockInfo& b, bool tiled, uint8_t* st,
+                                                  uint64_t* full, int i) {
   const int nkb = b.kb_end - b.kb_begin;
   const uint64_t policy = b.streamed ? ptx::policy_evict_first() : ptx::policy_evict_normal();
   ptx::mbar_expect_tx(full, kWeightTileBytes);
+  // Both layouts are 5-dim maps (see the host's w_key, w2_key). An up tile is (K block, slice,
+  // expert) in both. A down tile is (tile, slice, expert) when stored as tiles; row-major, its
+  // rows are dim 1 (so that rows past K read as zeros) and dim 2 has size 1.
   if (i < nkb) {
-    ptx::tma_load_3d(st, b.w_map, full, (b.kb_begin + i) * kKBlock, b.slice * kSliceRows,
-                     b.expert, policy);
+    ptx::tma_load_5d(st, b.w_map, full, 0, b.kb_begin + i, b.slice, b.expert, policy);
   } else {
-    ptx::tma_load_3d(st, b.w2_map, full, b.slice * kKBlock, (b.dt_begin + i - nkb) * kSliceRows,
+    const int dt = b.dt_begin + i - nkb;
+    ptx::tma_load_5d(st, b.w2_map, full, tiled ? 0 : dt * kSliceRows, tiled ? dt : 0, b.slice,
                      b.expert, policy);
   }
 }
 
 // Called by thread 0 (the producer's lane 0) right after the barriers are initialised.
-__device__ __forceinline__ void issue_first_pass(const BlockInfo& b, const Ring& ring) {
+__device__ __forceinline__ void issue_first_pass(const BlockInfo& b, bool tiled, const Ring& ring) {
   const int first = first_pass_stages(b, ring.stages);
   for (int i = 0; i < first; ++i) {
-    issue_weight_tile(b, ring.base + i * ring.stage_bytes, &ring.full[i], i);
+    issue_weight_tile(b, tiled, ring.base + i * ring.stage_bytes, &ring.full[i], i);
   }
 }
 
@@ -281,7 +291,7 @@ __device__ __forceinline__ void produce(const FusedMoeParams& p, const BlockInfo
       uint64_t* full = &ring.full[ring.stage];
       if (!(sub == 0 && i < first)) {  // else issued by the prologue
         ptx::mbar_wait(&ring.empty[ring.stage], ring.phase ^ 1);
-        if (ptid == 0) issue_weight_tile(b, st, full, i);
+        if (ptid == 0) issue_weight_tile(b, p.tiled != 0, st, full, i);
       }
       // Scales: x scales [T] and gate, up for an up tile; w2 scales of the two 128-row halves
       // (at T, T + 1) for a down tile. Absent ones are zero-filled (source size 0).
@@ -737,7 +747,7 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
     ptx::mbar_init(&exchange[0], p.split);
     ptx::mbar_init(&exchange[1], p.split);
     ptx::fence_barrier_init();
-    issue_first_pass(info, ring);  // while the token rows load
+    issue_first_pass(info, p.tiled != 0, ring);  // while the token rows load
   }
   if (tid < p.block_m) {  // block_m <= 128 <= blockDim.x
     tok_row[tid] = valid ? slot / p.top_k : -1;

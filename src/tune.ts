@@ -1041,7 +1041,7 @@ async function measureBatches(ctx: BatchContext, reporter: TuneReporter): Promis
         draws.push(moreDraws.use(new DeviceMoeProblem(view(M, ids), { weightsFrom: owner })));
       }
       const measure: MeasureFn = (config, run) => {
-        const d = lastRound > 0 && run.round === lastRound ? draws[run.series % draws.length] : dev;
+        const d = run.round === lastRound ? draws[run.series % draws.length] : dev;
         return timer.time(
           () => d.run(config, { stream: timer.stream, outIsZeroed: true }),
           { warmup: run.warmup, iterations: run.iterations },

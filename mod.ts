@@ -121,7 +121,15 @@ export {
   validateFusedMoeArgs,
   type WeightLayout,
 } from "./src/fused_moe.ts";
-export { tiledDownRows, tileDownWeights, tileUpWeights } from "./src/tiles.ts";
+export {
+  type DeviceTileOptions,
+  type DeviceUpTileOptions,
+  tiledDownRows,
+  tileDownWeights,
+  tileDownWeightsOnDevice,
+  tileUpWeights,
+  tileUpWeightsOnDevice,
+} from "./src/tiles.ts";
 // ---- config files per card and shape, the unfused baseline, tuning and plots ----
 export {
   BUNDLED_CONFIG_DIR,

@@ -25,7 +25,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a signature or a status code changes. */
-#define AMOE_ABI_VERSION 3
+#define AMOE_ABI_VERSION 4
 
 typedef enum amoe_status {
   AMOE_OK = 0,
@@ -95,6 +95,20 @@ AMOE_API int amoe_fused_moe_check_config(int32_t K, int32_t N, int32_t block_m, 
  *   layer is bound by memory. */
 #define AMOE_WEIGHTS_ROWS 0
 #define AMOE_WEIGHTS_TILES 1
+
+/*
+ * Stored tiles (AMOE_WEIGHTS_TILES) made on the GPU from row-major weights, at load time.
+ * Asynchronous on `stream`; src and dst device memory, 16-byte aligned, not overlapping.
+ * Up: src [experts, N, K] -> dst [experts, N/256, K/128, 256, 128]; with gate_up_halves != 0
+ *   src rows are a checkpoint's N/2 gate rows then N/2 up rows, interleaved on the way in
+ *   chunks of 8 (as the kernel's `w` expects); with 0 they are already interleaved.
+ * Down: src [experts, K, N/2] -> dst [experts, N/256, ceil(K/256), 256, 128], rows past K zero.
+ * N a multiple of 256, K a multiple of 128.
+ */
+AMOE_API int amoe_tile_up_weights(const void* src, void* dst, int32_t experts, int32_t N,
+                                  int32_t K, int32_t gate_up_halves, void* stream);
+AMOE_API int amoe_tile_down_weights(const void* src, void* dst, int32_t experts, int32_t N,
+                                    int32_t K, void* stream);
 
 /*
  * out[token] += topk_weight * scaling_factor * (requant(silu(gate) * up) @ w2[e]^T)

@@ -32,6 +32,7 @@ import s19 from "../cuda/status.cu" with { type: "text" };
 import s20 from "../cuda/status.cuh" with { type: "text" };
 import s21 from "../cuda/unfused.cu" with { type: "text" };
 import s22 from "../cuda/unfused/kernels.cuh" with { type: "text" };
+import s23 from "../cuda/weights.cu" with { type: "text" };
 
 /** Every CUDA source and header of the package, by path relative to `cuda/`, sorted. */
 export const CUDA_SOURCES: Readonly<Record<string, string>> = Object.freeze({
@@ -58,4 +59,5 @@ export const CUDA_SOURCES: Readonly<Record<string, string>> = Object.freeze({
   "status.cuh": s20,
   "unfused.cu": s21,
   "unfused/kernels.cuh": s22,
+  "weights.cu": s23,
 });

@@ -77,6 +77,24 @@ export const SYMBOLS = {
   /** int amoe_graph_destroy(void* graph_exec); */
   amoe_graph_destroy: { parameters: ["pointer"], result: "i32" },
 
+  // ---- weight preparation (cuda/weights.cu) ----
+  /**
+   * int amoe_tile_up_weights(const void* src, void* dst, int32_t experts, int32_t N,
+   *                          int32_t K, int32_t gate_up_halves, void* stream);
+   */
+  amoe_tile_up_weights: {
+    parameters: ["pointer", "pointer", "i32", "i32", "i32", "i32", "pointer"],
+    result: "i32",
+  },
+  /**
+   * int amoe_tile_down_weights(const void* src, void* dst, int32_t experts, int32_t N,
+   *                            int32_t K, void* stream);
+   */
+  amoe_tile_down_weights: {
+    parameters: ["pointer", "pointer", "i32", "i32", "i32", "pointer"],
+    result: "i32",
+  },
+
   // ---- the fused MoE layer ----
   /**
    * int amoe_fused_moe_check_config(int32_t K, int32_t N, int32_t block_m, int32_t block_n,

@@ -15,8 +15,9 @@
  * steps 1-3 are one launch instead, **prologue** (`moePrologue`), with the same results bit for
  * bit: at M = 1 each launch costs more than its work.
  *
- * The experts' weights are uploaded once, gate/up interleaved and in the kernel's stored tiles
- * (`weightLayout: "tiles"`, 2-4 % faster where the layer is bound by memory). The
+ * The experts' weights are uploaded once, as the checkpoint stores them, and turned into the
+ * kernel's stored tiles on the GPU, gate/up interleaved on the way (`weightLayout: "tiles"`,
+ * 2-4 % faster where the layer is bound by memory). The
  * scratch buffers of a token count are allocated by its first forward and reused after, so a
  * forward allocates nothing (and can be captured in a CUDA graph) once a count has been seen.
  *
@@ -40,7 +41,7 @@ import { configProblem, type KernelConfig, pickConfig } from "./config.ts";
 import { CudaEvent, Stream } from "./device.ts";
 import { fusedMoeW8A8UpDown } from "./fused_moe.ts";
 import { interleaveGateUp } from "./interleave.ts";
-import { tiledDownRows, tileDownWeights, tileUpWeights } from "./tiles.ts";
+import { tiledDownRows, tileDownWeightsOnDevice, tileUpWeightsOnDevice } from "./tiles.ts";
 import { fusedMoeReference, moeAlignBlockSize, quantizePerTokenGroup } from "./reference.ts";
 import {
   alignBlockSize,
@@ -263,6 +264,8 @@ export class MoeLayer implements Disposable {
   readonly #w2Scale: DeviceBuffer<"f32">;
   readonly #bias?: DeviceBuffer<"f32">;
   readonly #loaded: Uint8Array;
+  /** One expert's row-major weights on the device, on their way into tiles (setExpert). */
+  #staging?: { w13: DeviceBuffer<"fp8_e4m3">; w2: DeviceBuffer<"fp8_e4m3"> };
   readonly #scratch = new Map<number, LayerBuffers>();
   #disposed = false;
 
@@ -314,7 +317,9 @@ export class MoeLayer implements Disposable {
       }
       this.#loaded = new Uint8Array(E);
       options.experts?.forEach((w, i) => this.setExpert(i, w));
+      this.#releaseStaging();
     } catch (error) {
+      this.#releaseStaging();
       for (const x of made.reverse()) x[Symbol.dispose]();
       throw error;
     }
@@ -352,6 +357,7 @@ export class MoeLayer implements Disposable {
         for (let i = 0; i < plan.expertPrefixes.length; i++) {
           moe.setExpert(i, await loadExpert(ckpt, plan, i));
         }
+        moe.#releaseStaging();
       } catch (error) {
         moe[Symbol.dispose]();
         throw error;
@@ -363,7 +369,9 @@ export class MoeLayer implements Disposable {
   }
 
   /** Uploads expert `index` (routed experts first, the shared one last), interleaving gate
-   * and up rows and storing both weights as the kernel's tiles. Synchronous. */
+   * and up rows and storing both weights as the kernel's tiles, on the GPU. Synchronous. The
+   * first call allocates one expert's row-major weights on the device to stage them; loading
+   * through the constructor or {@link MoeLayer.fromCheckpoint} frees that at the end. */
   setExpert(index: number, weights: ExpertWeights): void {
     this.#alive();
     if (!Number.isSafeInteger(index) || index < 0 || index >= this.numExperts) {
@@ -371,13 +379,23 @@ export class MoeLayer implements Disposable {
     }
     const N = this.N, K = this.hiddenSize;
     checkExpert(index, weights, N, K);
-    uploadAt(this.#w, index * N * K, tileUpWeights(interleaveGateUp(weights.w13, [N, K], 8), N, K));
+    const staging = this.#staging ??= {
+      w13: DeviceBuffer.alloc("fp8_e4m3", [1, N, K]),
+      w2: DeviceBuffer.alloc("fp8_e4m3", [1, K, N / 2]),
+    };
+    // The uploads are cudaMemcpy on the legacy default stream, which may return before their
+    // DMA lands; the tiling runs on that stream too, and is waited for before the staging
+    // buffers are written again.
+    staging.w13.upload(weights.w13);
+    staging.w2.upload(weights.w2);
+    tileUpWeightsOnDevice(staging.w13, this.#w, { firstExpert: index, gateUpHalves: true });
+    tileDownWeightsOnDevice(staging.w2, this.#w2, { firstExpert: index });
+    unwrap(symbols().amoe_stream_synchronize(null));
     uploadAt(
       this.#wScale,
       index * (N / 128) * (K / 128),
       interleaveGateUp(weights.w13Scale, [N / 128, K / 128], 1),
     );
-    uploadAt(this.#w2, index * tiledDownRows(K) * (N / 2), tileDownWeights(weights.w2, N, K));
     uploadAt(this.#w2Scale, index * (K / 128) * (N / 256), weights.w2Scale);
     this.#loaded[index] = 1;
   }
@@ -612,6 +630,12 @@ export class MoeLayer implements Disposable {
     return out;
   }
 
+  #releaseStaging(): void {
+    this.#staging?.w13[Symbol.dispose]();
+    this.#staging?.w2[Symbol.dispose]();
+    this.#staging = undefined;
+  }
+
   #alive(): void {
     if (this.#disposed) throw new InvalidArgumentError("MoeLayer used after dispose");
   }
@@ -622,6 +646,7 @@ export class MoeLayer implements Disposable {
     this.#disposed = true;
     for (const s of this.#scratch.values()) freeBuffers(s);
     this.#scratch.clear();
+    this.#releaseStaging();
     for (const b of [this.#w, this.#wScale, this.#w2, this.#w2Scale, this.#bias]) {
       b?.[Symbol.dispose]();
     }

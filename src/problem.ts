@@ -8,11 +8,11 @@
 import { DeviceBuffer } from "./buffer.ts";
 import { decodeBf16 } from "./codecs.ts";
 import type { KernelConfig } from "./config.ts";
-import type { Stream } from "./device.ts";
+import { type Stream, synchronize } from "./device.ts";
 import { type FusedMoeTensors, fusedMoeW8A8UpDown, type WeightLayout } from "./fused_moe.ts";
 import type { MoeProblem } from "./random.ts";
 import { type AlignedRouting, moeAlignBlockSize } from "./reference.ts";
-import { tiledDownRows, tileDownWeights, tileUpWeights } from "./tiles.ts";
+import { tiledDownRows, tileDownWeightsOnDevice, tileUpWeightsOnDevice } from "./tiles.ts";
 
 /** Options of {@link DeviceMoeProblem}. */
 export interface DeviceMoeProblemOptions {
@@ -99,16 +99,18 @@ export class DeviceMoeProblem implements Disposable {
         out: up(DeviceBuffer.alloc("bf16", [M, K])),
       };
       if ((options.weightLayout ?? "tiles") === "tiles") {
-        this.#tiles = (options.weightsFrom ? options.weightsFrom.#tiles : undefined) ?? {
-          w: up(DeviceBuffer.from("fp8_e4m3", [E, N, K], tileUpWeights(problem.w, N, K))),
-          w2: up(
-            DeviceBuffer.from(
-              "fp8_e4m3",
-              [E, tiledDownRows(K), N / 2],
-              tileDownWeights(problem.w2, N, K),
-            ),
-          ),
-        };
+        this.#tiles = options.weightsFrom ? options.weightsFrom.#tiles : undefined;
+        if (this.#tiles === undefined) {
+          // Tiled on the GPU from the row-major copies (the host takes seconds for 257 experts).
+          const tiles = {
+            w: up(DeviceBuffer.alloc("fp8_e4m3", [E, N, K])),
+            w2: up(DeviceBuffer.alloc("fp8_e4m3", [E, tiledDownRows(K), N / 2])),
+          };
+          tileUpWeightsOnDevice(this.#tensors.w as DeviceBuffer<"fp8_e4m3">, tiles.w);
+          tileDownWeightsOnDevice(this.#tensors.w2 as DeviceBuffer<"fp8_e4m3">, tiles.w2);
+          synchronize();
+          this.#tiles = tiles;
+        }
       }
     } catch (error) {
       for (const b of made) b.free();

@@ -78,6 +78,13 @@ int resolve_config(const Config& c, const FusedMoeVariant** variant, int* smem) 
   }
   int optin = 0;
   AMOE_TRY(device_smem_optin(&optin));
+  // Blocks of 72 or 80 tokens: one sub-tile (each warpgroup on its own half of the tokens)
+  // reads every weight tile once, where two sub-tiles read it twice (bench/NOTES.md, item 45).
+  if (wgs == 2 && c.split == 1 && c.block_m > 64 && c.block_m <= kVariantHalves.tokens) {
+    *variant = &kVariantHalves;
+    *smem = kVariantHalves.smem_bytes(c.stages, c.block_m, c.split);
+    if (*smem <= optin) return AMOE_OK;
+  }
   int smallest = 0;
   for (int subtiles = (c.block_m + max_tokens(wgs) - 1) / max_tokens(wgs);; ++subtiles) {
     const int tokens = round_up((c.block_m + subtiles - 1) / subtiles, 8);

@@ -3,14 +3,16 @@
  * split units (clusters of 4), with both weight layouts, on a small random problem under
  * compute-sanitizer (memcheck, then racecheck), with the -lineinfo build. block_m 8 leaves the
  * routing's last block part-filled, which the kernel must not read past; K = 384 leaves the last
- * down tile half past K (zero-filled from row-major weights, padding in stored tiles).
+ * down tile half past K (zero-filled from row-major weights, padding in stored tiles). One more
+ * run at block_m 80 covers the warpgroups on separate token halves.
  * `--child` is the part that runs under the sanitizer.
  *
  * @module
  */
 import $ from "@david/dax";
 import { DeviceMoeProblem } from "../src/problem.ts";
-import { makeRandomMoeProblem } from "../src/random.ts";
+import type { KernelConfig } from "../src/config.ts";
+import { makeRandomMoeProblem, type MoeProblem } from "../src/random.ts";
 import { fusedMoeReference, relativeL2 } from "../src/reference.ts";
 import { buildLibrary } from "./nvcc.ts";
 
@@ -28,17 +30,40 @@ function child(): void {
   });
   for (const weightLayout of ["tiles", "rows"] as const) {
     using dev = new DeviceMoeProblem(p, { dropExperts: [2], weightLayout });
-    const ref = fusedMoeReference({ ...p, ...dev.routing(8), requant: true });
     for (const [blockN, warpN] of PAIRS) {
       for (const split of [1, 4]) {
-        dev.run({ blockM: 8, blockN, warpN, stages: 2, split });
-        const err = relativeL2(dev.readOut(), ref);
-        const what = `${weightLayout}, (${blockN}, ${warpN}) split ${split}`;
-        console.log(`${what}: relative L2 ${err.toExponential(3)}`);
-        if (!(err <= 1e-2)) throw new Error(`${what} is wrong under the sanitizer`);
+        check(dev, p, { blockM: 8, blockN, warpN, stages: 2, split }, weightLayout);
       }
     }
   }
+  // ~75 slots per expert: blocks of 80 are one sub-tile with each consumer warpgroup on its own
+  // half of the tokens, the second half part-filled.
+  const big = makeRandomMoeProblem({
+    M: 150,
+    K: 384,
+    N: 512,
+    numExperts: 4,
+    topK: 2,
+    blockM: 8,
+    seed: 12,
+  });
+  using dev = new DeviceMoeProblem(big);
+  check(dev, big, { blockM: 80, blockN: 32, warpN: 8, stages: 2, split: 1 }, "tiles");
+}
+
+function check(
+  dev: DeviceMoeProblem,
+  p: MoeProblem,
+  config: KernelConfig & { split: number },
+  weightLayout: string,
+): void {
+  dev.run(config);
+  const ref = fusedMoeReference({ ...p, ...dev.routing(8), requant: true });
+  const err = relativeL2(dev.readOut(), ref);
+  const what = `${weightLayout}, block_m ${config.blockM} (${config.blockN}, ${config.warpN}) ` +
+    `split ${config.split}`;
+  console.log(`${what}: relative L2 ${err.toExponential(3)}`);
+  if (!(err <= 1e-2)) throw new Error(`${what} is wrong under the sanitizer`);
 }
 
 async function main(): Promise<number> {

@@ -181,6 +181,33 @@ gpuTest("every block_m, both (block_n, warp_n) pairs, stages 1..5 on a small sha
   console.log(`160 configs, worst relative L2 ${worst.toExponential(3)}`);
 });
 
+gpuTest("blocks of 72..128 tokens: both warpgroups' token halves, K % 256 == 128", () => {
+  // ~100 slots per expert, so blocks above 64 tokens are full or nearly (one sub-tile with a
+  // warpgroup per half where it fits, two sub-tiles where it does not).
+  const p = makeRandomMoeProblem({
+    M: 200,
+    K: 384,
+    N: 512,
+    numExperts: 4,
+    topK: 2,
+    blockM: 8,
+    seed: 5,
+  });
+  using dev = new DeviceMoeProblem(p);
+  const ref = references(dev, p, 8).requant;
+  let worst = 0;
+  for (let blockM = 72; blockM <= 128; blockM += 8) {
+    for (let stages = 1; stages <= 4; stages++) {
+      dev.run(cfg(blockM, 32, 8, stages));
+      worst = Math.max(
+        worst,
+        assertClose(dev.readOut(), ref, `block_m ${blockM} stages ${stages}`),
+      );
+    }
+  }
+  console.log(`32 configs of large blocks, worst relative L2 ${worst.toExponential(3)}`);
+});
+
 // Splits above 3 leave CTAs of the small shape with no up or no down work, which must still
 // take part in every cluster exchange.
 gpuTest("split units: splits 2..16 (odd ones too) against the reference on a small shape", () => {

@@ -21,6 +21,10 @@
 // Warp roles. Warpgroup 0 is the producer: its four warps stream every operand (weight tiles
 // by TMA, token rows and scales by cp.async) into a ring of `stages` shared-memory buffers.
 // Warpgroups 1..WGS are consumers; each owns 256/WGS of the 256 weight rows of every stage.
+// Token halves (kHalves, blocks of 72-80 tokens): each consumer warpgroup owns all 256 rows
+// for its own T tokens of a 2T-token sub-tile instead, so a weight tile serves 2T tokens where
+// two sub-tiles of T would read it twice; the warpgroups then synchronise only with
+// themselves between stages.
 //
 // The ring. Each stage holds one 256x128-byte weight tile (w for the up projection: the
 // slice's rows at one 128-wide K block; w2 for the down projection: 256 output rows of the
@@ -330,21 +334,30 @@ __device__ __forceinline__ void produce(const FusedMoeParams& p, const BlockInfo
 
 // ---------------------------------------------------------------------------------------
 // Consumers: WGS warpgroups, each owning 256/WGS rows of every weight tile.
-template <int T, int WGS>
+template <int T, int WGS, bool kHalves>
 __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo& b, Ring ring,
                                         uint8_t* act, uint8_t* staging, float* partial,
                                         uint32_t* amax,
                                         ClusterExchange xc, int ctid) {
-  using L = SmemLayout<T, WGS>;
-  constexpr int kRowsPerWg = kSliceRows / WGS;
+  // kHalves: each warpgroup takes its own T tokens of the sub-tile against all 256 rows, so a
+  // weight tile serves WGS * T tokens; else the warpgroups share T tokens and split the rows.
+  constexpr int S = kHalves ? WGS * T : T;  // tokens per sub-tile
+  using L = SmemLayout<S, WGS>;
+  constexpr int kRowsPerWg = kHalves ? kSliceRows : kSliceRows / WGS;
   constexpr int kTiles = kRowsPerWg / 64;  // m64 wgmma tiles per consumer warpgroup
   constexpr int kRegs = T / 2;             // accumulator registers per m64 x T tile
   constexpr int kConsumerThreads = WGS * 128;
+  // Threads that synchronise within a sub-tile: the warpgroup alone with kHalves.
+  constexpr int kSyncThreads = kHalves ? 128 : kConsumerThreads;
+  const int wg = ctid / 128;
+  const int sync_id = kHalves ? 2 + wg : 1;
   const int warp = (ctid % 128) / 32;
   const int lane = ctid % 32;
   const int quad = lane % 4;
   const int row_in_warp = lane / 4;  // fragment rows row_in_warp and row_in_warp + 8
-  const int wg_row0 = (ctid / 128) * kRowsPerWg;
+  const int wg_row0 = kHalves ? 0 : wg * kRowsPerWg;
+  const int tw = kHalves ? wg * T : 0;  // this warpgroup's first token of the sub-tile
+  const int stid = kHalves ? ctid % 128 : ctid;  // index among the kSyncThreads
   // The top-k weight of each slot (the prologue left the slot id in its place); first read
   // after the barrier that follows SwiGLU.
   if (ctid < p.block_m) {
@@ -356,7 +369,9 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
   // Buffers of FP8 partial sums in flight: the tensor cores fill the next ones while the
   // oldest is promoted. With few tokens a wgmma is short and its latency is what counts, so
   // small T keeps more of them queued (up to 8, within 64 registers); 2 (ping-pong) for large T.
-  constexpr int kDepth = std::min({kUpGroups, 8, std::max(2, 64 / kRegs)});
+  // With kHalves, 4 m64 tiles of accumulators leave room for 2 (with 1, each warpgroup's
+  // wgmma-wait-promote chain ran serially: 96-token blocks 7 % slower than blocks of 64).
+  constexpr int kDepth = kHalves ? 2 : std::min({kUpGroups, 8, std::max(2, 64 / kRegs)});
   constexpr int kDownDepth = std::min(kTiles, kDepth);
   float acc[kTiles][kRegs];
   float part[kDepth][kRegs];
@@ -366,9 +381,9 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
   constexpr int kPeersInFlight = T <= 16 ? 8 : T <= 32 ? 4 : 1;  // DSMEM loads issued together
 
   for (int sub = 0; sub < b.subtiles; ++sub) {
-    const int t0 = sub * T;
-    const int tcount = min(T, p.block_m - t0);
-    uint32_t* amax_cur = amax + (sub & 1) * T;
+    const int t0 = sub * S;
+    const int tcount = min(S, p.block_m - t0);
+    uint32_t* amax_cur = amax + (sub & 1) * S + tw;
 
     // ---- up projection: acc = sum_kb (w_kb . x_kb^T) * w_scale * x_scale ----
 #pragma unroll
@@ -388,11 +403,11 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
       float scale[T / 8][4];
       {
         const float* sc = reinterpret_cast<const float*>(st + L::kScaleOffset);
-        const float ws_gate = sc[T];
-        const float ws_up = sc[T + 1];
+        const float ws_gate = sc[S];
+        const float ws_up = sc[S + 1];
 #pragma unroll
         for (int j = 0; j < T / 8; ++j) {
-          const float2 x2 = *reinterpret_cast<const float2*>(sc + j * 8 + quad * 2);
+          const float2 x2 = *reinterpret_cast<const float2*>(sc + tw + j * 8 + quad * 2);
           scale[j][0] = ws_gate * x2.x;
           scale[j][1] = ws_gate * x2.y;
           scale[j][2] = ws_up * x2.x;
@@ -409,7 +424,7 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
           WgmmaFp8<T>::mma(
               part[g % kDepth],
               ptx::sw128_desc(st + (wg_row0 + (step / 4) * 64) * kKBlock + (step % 4) * 32),
-              ptx::sw128_desc(st + L::kXOffset + (step % 4) * 32), s);
+              ptx::sw128_desc(st + L::kXOffset + tw * kKBlock + (step % 4) * 32), s);
         }
         ptx::wgmma_commit();
       };
@@ -439,7 +454,7 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
     auto slot = [&](int m, int q) { return (m * (kRegs / 4) + q) * kConsumerThreads + ctid; };
     auto h_slot = [&](int m, int j) { return (m * (T / 8) + j) * kConsumerThreads + ctid; };
     auto group_of = [&](int m) { return wg_row0 / 16 + m * 4 + warp; };
-    if (b.split > 1) {
+    if (!kHalves && b.split > 1) {
 #pragma unroll
       for (int m = 0; m < kTiles; ++m)
 #pragma unroll
@@ -486,7 +501,7 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
         acc[m][4 * j + 0] = silu(acc[m][4 * j + 0]) * acc[m][4 * j + 2];
         acc[m][4 * j + 1] = silu(acc[m][4 * j + 1]) * acc[m][4 * j + 3];
       }
-    if (b.split > 1) {
+    if (!kHalves && b.split > 1) {
       // The owners publish their pairs' SwiGLU outputs (fp32, 512 T bytes for the slice) and
       // every CTA copies the pairs it does not own, so each holds all 128 intermediates and
       // takes the amax and writes the FP8 tile by itself. Two exchanges per sub-tile; with
@@ -533,7 +548,7 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
         atomicMax(&amax_cur[j * 8 + quad * 2 + 1], __float_as_uint(m1));
       }
     }
-    ptx::named_barrier_sync(1, kConsumerThreads);
+    ptx::named_barrier_sync(sync_id, kSyncThreads);
 
     // ---- re-quantise per token over the slice's 128 intermediates; write the B tile ----
     float col_factor[T / 8][2];  // topk weight * scaling factor * activation scale
@@ -543,21 +558,21 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
       for (int h = 0; h < 2; ++h) {
         const int col = j * 8 + quad * 2 + h;
         const float scale = fmaxf(__uint_as_float(amax_cur[col]), 1e-10f) / kFp8Max;
-        const bool live = col < tcount;
-        col_factor[j][h] = live ? b.tok_weight[t0 + col] * scale : 0.0f;
+        const bool live = tw + col < tcount;
+        col_factor[j][h] = live ? b.tok_weight[t0 + tw + col] * scale : 0.0f;
 #pragma unroll
         for (int m = 0; m < kTiles; ++m) {
           // Intermediate index of this fragment row within the slice: 16-row groups hold
           // 8 gate + 8 up rows, so group g holds intermediates 8g .. 8g + 7.
           const int inter = ((wg_row0 + m * 64 + warp * 16) / 16) * 8 + row_in_warp;
           const __nv_fp8_e4m3 q(acc[m][4 * j + h] / scale);
-          act[sw128_offset(col, inter)] = q.__x;
+          act[sw128_offset(tw + col, inter)] = q.__x;
         }
       }
     }
-    if (ctid < T) amax[((sub + 1) & 1) * T + ctid] = 0;  // the other buffer is free now
+    if (stid < T) amax[((sub + 1) & 1) * S + tw + stid] = 0;  // the other buffer is free now
     ptx::fence_proxy_async_smem();
-    ptx::named_barrier_sync(1, kConsumerThreads);
+    ptx::named_barrier_sync(sync_id, kSyncThreads);
 
     // ---- down projection and weighted accumulation into out ----
     // The consumers stage the tile's bf16 results as one 256-column row per token, so that a
@@ -566,12 +581,12 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
     // fragment rows + 8 (i % 2); r = lane % 8 is the token within the group.
     constexpr int kTokenGroupsPerStore = (T / 8) % 2 == 0 ? 2 : 1;
     const uint32_t staging_lane =
-        ptx::smem_addr(staging) + (8 * ((lane >> 4) & 1) + (lane & 7)) * L::kStagingStride +
+        ptx::smem_addr(staging) + (tw + 8 * ((lane >> 4) & 1) + (lane & 7)) * L::kStagingStride +
         (wg_row0 + warp * 16 + 8 * ((lane >> 3) & 1)) * 2;
     for (int dt = b.dt_begin; dt < b.dt_end; ++dt) {
       ptx::mbar_wait(&ring.full[ring.stage], ring.phase);
       const uint8_t* st = ring.current();
-      const float* w2s = reinterpret_cast<const float*>(st + L::kScaleOffset) + T;
+      const float* w2s = reinterpret_cast<const float*>(st + L::kScaleOffset) + S;
       float tile_scale[kTiles];
 #pragma unroll
       for (int m = 0; m < kTiles; ++m) tile_scale[m] = w2s[(wg_row0 + m * 64) / 128];
@@ -581,7 +596,7 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
         for (int ks = 0; ks < 4; ++ks) {
           WgmmaFp8<T>::mma(part[m % kDepth],
                            ptx::sw128_desc(st + (wg_row0 + m * 64) * kKBlock + ks * 32),
-                           ptx::sw128_desc(act + ks * 32), ks);
+                           ptx::sw128_desc(act + tw * kKBlock + ks * 32), ks);
         }
         ptx::wgmma_commit();
       };
@@ -589,7 +604,7 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
       for (int m = 0; m < kDownDepth - 1; ++m) issue(m);
       // Every thread has read the last tile's rows out of the staging tile (its reductions
       // took them from registers), checked while this tile's first wgmmas run.
-      ptx::named_barrier_sync(1, kConsumerThreads);
+      ptx::named_barrier_sync(sync_id, kSyncThreads);
 #pragma unroll
       for (int m = 0; m < kTiles; ++m) {
         if (m + kDownDepth - 1 < kTiles) issue(m + kDownDepth - 1);
@@ -623,16 +638,17 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
           }
         }
       }
-      ptx::named_barrier_sync(1, kConsumerThreads);
+      ptx::named_barrier_sync(sync_id, kSyncThreads);
       // Each staged token row (512 bytes) is added into out by one warp instruction: lane l
       // adds bf16 columns 8l .. 8l + 7 with a 16-byte vector reduction through the load/store
       // path. Bulk reductions went through the TMA unit, one request per row, next to the
       // weight tiles; these were 3-9 % faster at M >= 512 (bench/NOTES.md, item 33).
       {
-        constexpr int kWarps = kConsumerThreads / 32;
+        constexpr int kWarps = kSyncThreads / 32;
         const int k_first = dt * kSliceRows;
         const int columns = min(kSliceRows, p.K - k_first);  // 128 when K % 256 == 128
-        for (int t = ctid / 32; t < tcount; t += kWarps) {
+        const int t_end = kHalves ? min(tw + T, tcount) : tcount;
+        for (int t = tw + stid / 32; t < t_end; t += kWarps) {
           const int row = b.tok_row[t0 + t];
           if (row >= 0 && lane * 8 < columns) {
             const uint4 v =
@@ -666,10 +682,11 @@ struct WeightMaps {
 // A block with at least this many tokens is a full one (WeightMaps, BlockInfo::streamed).
 constexpr int kFullBlockTokens = 16;
 
-template <int T, int WGS>
+template <int T, int WGS, bool kHalves>
 __global__ void __launch_bounds__((WGS + 1) * 128, 1)
     fused_moe_kernel(const __grid_constant__ WeightMaps weights, const FusedMoeParams p) {
-  using L = SmemLayout<T, WGS>;
+  constexpr int S = kHalves ? WGS * T : T;  // tokens per sub-tile (see consume)
+  using L = SmemLayout<S, WGS>;
   // Slices of one token block are neighbours in launch order: they run at the same time, so
   // their halves of each w2 row (N/2 > 128) are read from DRAM together. The `split` CTAs of
   // a unit are one cluster, so they return here together.
@@ -713,8 +730,8 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
   uint8_t* staging = act + L::kTokenTileBytes;  // [T][kStagingStride] bf16 rows
   float* partial = reinterpret_cast<float*>(staging + L::kStagingBytes);  // split > 1
   uint32_t* amax = reinterpret_cast<uint32_t*>(reinterpret_cast<uint8_t*>(partial) +
-                                               (p.split > 1 ? L::kPartialBytes : 0));  // [2][T]
-  int32_t* tok_row = reinterpret_cast<int32_t*>(amax + 2 * T);             // [block_m]
+                                               (p.split > 1 ? L::kPartialBytes : 0));  // [2][S]
+  int32_t* tok_row = reinterpret_cast<int32_t*>(amax + 2 * S);             // [block_m]
   float* tok_weight = reinterpret_cast<float*>(tok_row + p.block_m);        // [block_m]
   uint64_t* full = reinterpret_cast<uint64_t*>(tok_weight + p.block_m);
   uint64_t* empty = full + p.stages;
@@ -726,7 +743,7 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
   const BlockInfo info{expert,
                        unit % slices,
                        kblocks,
-                       (p.block_m + T - 1) / T,
+                       (p.block_m + S - 1) / S,
                        rank * kblocks / p.split,
                        (rank + 1) * kblocks / p.split,
                        rank * down_tiles / p.split,
@@ -753,7 +770,7 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
     tok_row[tid] = valid ? slot / p.top_k : -1;
     reinterpret_cast<int32_t*>(tok_weight)[tid] = valid ? slot : -1;  // the slot until consume
   }
-  for (int i = tid; i < 2 * T; i += blockDim.x) amax[i] = 0;
+  for (int i = tid; i < 2 * S; i += blockDim.x) amax[i] = 0;
   __syncthreads();
   // Peers arrive on this CTA's exchange barriers and read its shared memory: all of the
   // cluster must be running, with barriers initialised (fence_barrier_init released them),
@@ -765,10 +782,10 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
   // the branches made ptxas spill).
   if (tid < 128) {
     if constexpr (WGS > 1) ptx::setmaxnreg_dec<56>();
-    produce<T>(p, info, ring, tid);
+    produce<S>(p, info, ring, tid);
   } else {
     if constexpr (WGS > 1) ptx::setmaxnreg_inc<224>();
-    consume<T, WGS>(p, info, ring, act, staging, partial, amax,
+    consume<T, WGS, kHalves>(p, info, ring, act, staging, partial, amax,
                     ClusterExchange{exchange, p.split}, tid - 128);
   }
 }

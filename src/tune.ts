@@ -597,6 +597,20 @@ export interface TuneMetadata {
   };
   /** Wall seconds of the whole search (absent while partial). */
   seconds?: number;
+  /** Batch sizes whose results come from earlier runs ({@link mergeResults}), newest first. */
+  kept?: KeptRun[];
+}
+
+/** Batch sizes of a results file that an earlier run measured, and how that run was made. */
+export interface KeptRun {
+  /** The token counts whose results and table entries that run gave. */
+  batchSizes: number[];
+  /** Its date, commit and budget. */
+  date: string;
+  /** Git commit of its sources, if known. */
+  gitCommit?: string;
+  /** Its `--budget-seconds`. */
+  budgetSeconds: number;
 }
 
 /** The results file written beside a table (`X.meta.json` for `X.json`), and the resume file. */
@@ -679,6 +693,63 @@ export function resultsJson(file: TuneResultsFile): string {
   const round = (_key: string, v: unknown): unknown =>
     typeof v === "number" && !Number.isInteger(v) ? Math.round(v * 1000) / 1000 : v;
   return JSON.stringify(file, round, 1) + "\n";
+}
+
+/** Why results of `b`'s run cannot update those of `a`'s, or undefined when they can. */
+export function updateMismatch(a: TuneMetadata, b: TuneMetadata): string | undefined {
+  if (a.gpu !== b.gpu) return `card ${a.gpu}, not ${b.gpu}`;
+  if (JSON.stringify(a.shape) !== JSON.stringify(b.shape)) {
+    return `shape ${JSON.stringify(a.shape)}, not ${JSON.stringify(b.shape)}`;
+  }
+  if (a.balancedness !== b.balancedness) {
+    return `balancedness ${a.balancedness}, not ${b.balancedness}`;
+  }
+  return undefined;
+}
+
+/**
+ * `previous` updated by `current`: the batch sizes `current` measured take its results, the
+ * others keep `previous`'s, and `metadata.kept` says which earlier run each kept batch size
+ * comes from. The metadata is otherwise `current`'s. This is `deno task tune --update`: re-tune
+ * part of a table (say, the large batch sizes after a kernel change) and keep the rest.
+ *
+ * @throws {Error} when the two are of another card, shape or balancedness
+ */
+export function mergeResults(
+  previous: TuneResultsFile,
+  current: TuneResultsFile,
+): TuneResultsFile {
+  const a = previous.metadata, b = current.metadata;
+  const why = updateMismatch(a, b);
+  if (why !== undefined) throw new Error(`cannot merge tune results: ${why}`);
+  const fresh = new Set(Object.keys(current.results).map(Number));
+  const kept = Object.values(previous.results).map((r) => r.M).filter((m) => !fresh.has(m));
+  const keptSet = new Set(kept);
+  const runs: KeptRun[] = [];
+  const own = new Set(kept);
+  for (const run of a.kept ?? []) {
+    const sizes = run.batchSizes.filter((m) => keptSet.has(m));
+    for (const m of run.batchSizes) own.delete(m);
+    if (sizes.length > 0) runs.push({ ...run, batchSizes: sizes });
+  }
+  if (own.size > 0) {
+    runs.unshift({
+      batchSizes: [...own].sort((x, y) => x - y),
+      date: a.date,
+      ...(a.gitCommit !== undefined ? { gitCommit: a.gitCommit } : {}),
+      budgetSeconds: a.search.budgetSeconds,
+    });
+  }
+  const results = [
+    ...Object.values(previous.results).filter((r) => keptSet.has(r.M)),
+    ...Object.values(current.results),
+  ].sort((x, y) => x.M - y.M);
+  const { kept: _, ...metadata } = b;
+  return {
+    ...current,
+    metadata: runs.length > 0 ? { ...metadata, kept: runs } : metadata,
+    results: Object.fromEntries(results.map((r) => [String(r.M), r])),
+  };
 }
 
 /** The results of a file, ascending by batch size. */
@@ -862,6 +933,9 @@ export interface TuneOptions {
   iterations?: number;
   /** Continue from the `.partial` file of `out`. */
   resume?: boolean;
+  /** Keep the batch sizes of `out`'s existing results file that this run does not measure
+   * ({@link mergeResults}); without one, a plain run. */
+  update?: boolean;
   /** Seconds the search may take, setup excluded (default 420). */
   budgetSeconds?: number;
   /** Time the unfused baseline per batch size (default true). */
@@ -1171,6 +1245,19 @@ export async function tuneConfigs(
     },
   };
 
+  // Update: the results to keep are checked before any time is spent.
+  let previous: TuneResultsFile | undefined;
+  if (options.update) {
+    try {
+      previous = await readResultsFile(resultsPath);
+    } catch (err) {
+      if (!(err instanceof Deno.errors.NotFound)) throw err;
+      reporter.warn(`--update: no ${resultsPath}; nothing to keep`);
+    }
+    const why = previous && updateMismatch(previous.metadata, metadata);
+    if (why) throw new Error(`--update: ${resultsPath} is of another run (${why})`);
+  }
+
   // Resume.
   const results = new Map<number, BatchResult>();
   if (options.resume) {
@@ -1285,15 +1372,18 @@ export async function tuneConfigs(
     }, reporter);
   }
 
-  const list = [...results.values()].sort((a, b) => a.M - b.M);
   metadata.seconds = Math.round((performance.now() - started) / 100) / 10;
-  const file: TuneResultsFile = {
+  let file: TuneResultsFile = {
     format: "alpha-moe tune results",
     version: 1,
     table: tableName,
     metadata,
-    results: Object.fromEntries(list.map((r) => [String(r.M), r])),
+    results: Object.fromEntries(
+      [...results.values()].sort((a, b) => a.M - b.M).map((r) => [String(r.M), r]),
+    ),
   };
+  if (previous !== undefined) file = mergeResults(previous, file);
+  const list = resultsList(file);
   await writeTextFileAtomic(options.out, tableJson(list.map((r) => [r.M, r.best.config])));
   await writeTextFileAtomic(resultsPath, resultsJson(file));
   await Deno.remove(partialPath).catch(() => {});

@@ -48,6 +48,8 @@ Options:
                        timings and provenance go to FILE's .meta.json, progress to FILE.partial
   --iterations N       timed launches per finalist in the last round (default 40)
   --resume             skip the batch sizes FILE.partial already has
+  --update             keep FILE's entries for the batch sizes this run does not time (its
+                       .meta.json says which run each came from): re-tune part of a table
   --budget-seconds S   time budget of the search, setup excluded (default 420)
   --plot FILE.svg      also write a plot of µs against batch size
   --from RESULTS       with --plot: plot an existing results file (no GPU needed), then stop
@@ -158,6 +160,7 @@ export async function main(args: string[]): Promise<number> {
         out: { type: "string" },
         iterations: { type: "string", default: "40" },
         resume: { type: "boolean", default: false },
+        update: { type: "boolean", default: false },
         "budget-seconds": { type: "string", default: "420" },
         plot: { type: "string" },
         from: { type: "string" },
@@ -275,6 +278,7 @@ export async function main(args: string[]): Promise<number> {
       out,
       iterations,
       resume: values.resume,
+      update: values.update,
       budgetSeconds,
       unfused: !values["no-unfused"],
       seed,

@@ -25,6 +25,7 @@ import {
   defaultRounds,
   formatDuration,
   type MeasureFn,
+  mergeResults,
   MODEL_SHAPES,
   orderByHint,
   parseBatchSizes,
@@ -42,6 +43,7 @@ import {
   tableJson,
   tokensPerExpert,
   TUNE_SPLITS,
+  type TuneMetadata,
   type TuneResultsFile,
   unitsOfWork,
   worthSplitting,
@@ -324,6 +326,55 @@ Deno.test("results files: atomic write, read back, paths", async () => {
   } finally {
     await Deno.remove(dir, { recursive: true });
   }
+});
+
+function resultsFile(date: string, budget: number, sizes: number[], us: number): TuneResultsFile {
+  const metadata = {
+    gpu: "H100",
+    shape: MODEL_SHAPES.ds,
+    balancedness: 1,
+    date,
+    gitCommit: `c-${date}`,
+    search: { budgetSeconds: budget },
+  } as unknown as TuneMetadata;
+  return {
+    format: "alpha-moe tune results",
+    version: 1,
+    table: "t.json",
+    metadata,
+    results: Object.fromEntries(sizes.map((m) => [String(m), result(m, us, us)])),
+  };
+}
+
+Deno.test("mergeResults: new batch sizes replace, the others are kept and say which run", () => {
+  const first = resultsFile("d1", 50, [1, 8, 64, 1024, 2048], 100);
+  const second = mergeResults(first, resultsFile("d2", 45, [1024, 2048, 4096], 50));
+  assert.deepEqual(resultsList(second).map((r) => [r.M, r.best.us]), [
+    [1, 100],
+    [8, 100],
+    [64, 100],
+    [1024, 50],
+    [2048, 50],
+    [4096, 50],
+  ]);
+  assert.equal(second.metadata.date, "d2");
+  assert.deepEqual(second.metadata.kept, [
+    { batchSizes: [1, 8, 64], date: "d1", gitCommit: "c-d1", budgetSeconds: 50 },
+  ]);
+  // A third run over part of the kept sizes: each kept size still names the run it came from.
+  const third = mergeResults(second, resultsFile("d3", 30, [8, 4096], 20));
+  assert.deepEqual(third.metadata.kept, [
+    { batchSizes: [1024, 2048], date: "d2", gitCommit: "c-d2", budgetSeconds: 45 },
+    { batchSizes: [1, 64], date: "d1", gitCommit: "c-d1", budgetSeconds: 50 },
+  ]);
+  // Nothing kept: no `kept`.
+  assert.equal(
+    mergeResults(first, resultsFile("d4", 10, [1, 8, 64, 1024, 2048], 1)).metadata.kept,
+    undefined,
+  );
+  const other = resultsFile("d5", 10, [8], 1);
+  other.metadata.balancedness = 0.6;
+  assert.throws(() => mergeResults(first, other), /balancedness 1, not 0.6/);
 });
 
 Deno.test("summaryTable and formatDuration", () => {

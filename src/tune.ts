@@ -723,13 +723,15 @@ export function mergeResults(
   const why = updateMismatch(a, b);
   if (why !== undefined) throw new Error(`cannot merge tune results: ${why}`);
   const fresh = new Set(Object.keys(current.results).map(Number));
-  const kept = Object.values(previous.results).map((r) => r.M).filter((m) => !fresh.has(m));
-  const keptSet = new Set(kept);
+  const kept = new Set(
+    Object.values(previous.results).map((r) => r.M).filter((m) => !fresh.has(m)),
+  );
+  // Kept sizes that `previous` itself had kept still name their own run; the rest are its own.
   const runs: KeptRun[] = [];
   const own = new Set(kept);
   for (const run of a.kept ?? []) {
-    const sizes = run.batchSizes.filter((m) => keptSet.has(m));
-    for (const m of run.batchSizes) own.delete(m);
+    const sizes = run.batchSizes.filter((m) => kept.has(m));
+    for (const m of sizes) own.delete(m);
     if (sizes.length > 0) runs.push({ ...run, batchSizes: sizes });
   }
   if (own.size > 0) {
@@ -741,7 +743,7 @@ export function mergeResults(
     });
   }
   const results = [
-    ...Object.values(previous.results).filter((r) => keptSet.has(r.M)),
+    ...Object.values(previous.results).filter((r) => kept.has(r.M)),
     ...Object.values(current.results),
   ].sort((x, y) => x.M - y.M);
   const { kept: _, ...metadata } = b;

@@ -30,9 +30,10 @@ function child(): void {
   });
   for (const weightLayout of ["tiles", "rows"] as const) {
     using dev = new DeviceMoeProblem(p, { dropExperts: [2], weightLayout });
+    const ref = reference(dev, p);
     for (const [blockN, warpN] of PAIRS) {
       for (const split of [1, 4]) {
-        check(dev, p, { blockM: 8, blockN, warpN, stages: 2, split }, weightLayout);
+        check(dev, ref, { blockM: 8, blockN, warpN, stages: 2, split }, weightLayout);
       }
     }
   }
@@ -48,17 +49,25 @@ function child(): void {
     seed: 12,
   });
   using dev = new DeviceMoeProblem(big);
-  check(dev, big, { blockM: 80, blockN: 32, warpN: 8, stages: 2, split: 1 }, "tiles");
+  check(
+    dev,
+    reference(dev, big),
+    { blockM: 80, blockN: 32, warpN: 8, stages: 2, split: 1 },
+    "tiles",
+  );
+}
+
+function reference(dev: DeviceMoeProblem, p: MoeProblem): Float32Array {
+  return fusedMoeReference({ ...p, ...dev.routing(8), requant: true });
 }
 
 function check(
   dev: DeviceMoeProblem,
-  p: MoeProblem,
+  ref: Float32Array,
   config: KernelConfig & { split: number },
   weightLayout: string,
 ): void {
   dev.run(config);
-  const ref = fusedMoeReference({ ...p, ...dev.routing(8), requant: true });
   const err = relativeL2(dev.readOut(), ref);
   const what = `${weightLayout}, block_m ${config.blockM} (${config.blockN}, ${config.warpN}) ` +
     `split ${config.split}`;

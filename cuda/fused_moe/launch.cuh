@@ -86,8 +86,9 @@ template <int T, int WGS, bool kHalves>
 int fused_moe_max_clusters(int smem_bytes, int split, int* count) {
   AMOE_TRY((configure_kernel<T, WGS, kHalves>()));
   const LaunchConfig c(dim3(split), (WGS + 1) * 128, smem_bytes, nullptr, split);
-  return check_cuda(cudaOccupancyMaxActiveClusters(count, fused_moe_kernel<T, WGS, kHalves>, &c.config),
-                    "cudaOccupancyMaxActiveClusters");
+  return check_cuda(
+      cudaOccupancyMaxActiveClusters(count, fused_moe_kernel<T, WGS, kHalves>, &c.config),
+      "cudaOccupancyMaxActiveClusters");
 }
 
 #define AMOE_FUSED_MOE_VARIANT(T, WGS)                                                     \

@@ -359,10 +359,12 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
   const int tw = kHalves ? wg * T : 0;  // this warpgroup's first token of the sub-tile
   const int stid = kHalves ? ctid % 128 : ctid;  // index among the kSyncThreads
   // The top-k weight of each slot (the prologue left the slot id in its place); first read
-  // after the barrier that follows SwiGLU.
-  if (ctid < p.block_m) {
-    const int slot = reinterpret_cast<const int32_t*>(b.tok_weight)[ctid];
-    b.tok_weight[ctid] = slot >= 0 ? p.topk_weights[slot] * p.scaling_factor : 0.0f;
+  // after the barrier that follows SwiGLU, which with kHalves is the warpgroup's own: there
+  // each warpgroup converts its own tokens (blocks of token halves are one sub-tile).
+  const int own = kHalves ? (stid < T ? tw + stid : p.block_m) : ctid;
+  if (own < p.block_m) {
+    const int slot = reinterpret_cast<const int32_t*>(b.tok_weight)[own];
+    b.tok_weight[own] = slot >= 0 ? p.topk_weights[slot] * p.scaling_factor : 0.0f;
   }
 
   constexpr int kUpGroups = kTiles * 4 / kUpPromoteSteps;  // promotions per stage

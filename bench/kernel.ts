@@ -10,7 +10,7 @@
  * @module
  */
 import { parseArgs } from "node:util";
-import type { KernelConfig } from "../src/config.ts";
+import { allSlicesAllowed, type KernelConfig } from "../src/config.ts";
 import { deviceInfo } from "../src/device.ts";
 import { checkKernelConfig } from "../src/fused_moe.ts";
 import { DeviceMoeProblem } from "../src/problem.ts";
@@ -34,7 +34,8 @@ const HELP = `Usage: deno task bench:kernel [options]
   --iterations N      timed launches per config (default 50)
   --block-m LIST      block_m values of the grid (default 8,16,32,64,128)
   --stages LIST       stages of the grid (default 2,3,4)
-  --split LIST        splits of the grid (default 1,2,4,8,16; only those within two waves)
+  --split LIST        splits of the grid (default 1,2,4,8,16; only those within two waves);
+                      block_m 72 and 80 with (32, 8) are also timed with all_slices where N > 256
   --flush HOW         how L2 is emptied before each launch: read (default), write, none
   --json FILE         write every measurement as JSON
   -h, --help`;
@@ -46,6 +47,7 @@ function candidates(
   splits: number[],
   units: (blockM: number) => number,
   smCount: number,
+  slices: number,
 ): KernelConfig[] {
   const out: KernelConfig[] = [];
   for (const blockM of blockMs) {
@@ -54,7 +56,15 @@ function candidates(
       for (const stages of stageList) {
         for (const split of splits) {
           if (!worthSplitting(split, units(blockM), smCount)) continue;
-          out.push({ blockM, blockN, warpN, stages, ...(split > 1 ? { split } : {}) });
+          const c: KernelConfig = {
+            blockM,
+            blockN,
+            warpN,
+            stages,
+            ...(split > 1 ? { split } : {}),
+          };
+          out.push(c);
+          if (slices > 1 && allSlicesAllowed(c)) out.push({ ...c, allSlices: true });
         }
       }
     }
@@ -117,6 +127,7 @@ async function main(): Promise<number> {
             values.split.split(",").map(Number),
             (blockM) => unitsOfWork(tokensPerExpert(ids, E), blockM, N),
             smCount,
+            N / 256,
           );
           for (const config of grid) {
             try {

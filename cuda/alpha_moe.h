@@ -25,7 +25,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a signature or a status code changes. */
-#define AMOE_ABI_VERSION 4
+#define AMOE_ABI_VERSION 5
 
 typedef enum amoe_status {
   AMOE_OK = 0,
@@ -81,9 +81,13 @@ AMOE_API int amoe_graph_destroy(void* graph_exec);
  * (N, K), AMOE_ERR_UNSUPPORTED with the valid values in the message otherwise.
  * `split` (1..16) is the number of CTAs, one cluster, that share each (token block, N slice)
  * unit: the up projection's K and the down projection's output rows are divided among them
- * (1 = one CTA per unit, the seed's kernel). */
+ * (1 = one CTA per unit, the seed's kernel).
+ * `all_slices` (0 or 1): one CTA per token block covers every 256-row N slice and adds each
+ * output row once, where 0 gives each slice its own CTA; for block_m 72 or 80 with
+ * (block_n, warp_n) = (32, 8) and split 1 only. Same result up to the order of f32 additions. */
 AMOE_API int amoe_fused_moe_check_config(int32_t K, int32_t N, int32_t block_m, int32_t block_n,
-                                         int32_t warp_n, int32_t stages, int32_t split);
+                                         int32_t warp_n, int32_t stages, int32_t split,
+                                         int32_t all_slices);
 
 /* How `w` and `w2` are stored (amoe_fused_moe_w8a8_up_down's weight_layout).
  * AMOE_WEIGHTS_ROWS: row-major, w [E, N, K] and w2 [E, K, N/2] (the seed's and vLLM's layout).
@@ -126,7 +130,7 @@ AMOE_API int amoe_fused_moe_w8a8_up_down(
     const int32_t* num_tokens_post_padded, const float* topk_weights, void* out, int32_t M,
     int32_t K, int32_t N, int32_t num_experts, int32_t top_k, int32_t sorted_len,
     int32_t block_m, int32_t block_n, int32_t warp_n, int32_t stages, int32_t split,
-    int32_t weight_layout, float scaling_factor, void* stream);
+    int32_t all_slices, int32_t weight_layout, float scaling_factor, void* stream);
 
 /* ---- routing, alignment, quantisation ---- */
 /* The steps before the fused kernel. All asynchronous on `stream`; no allocation. Device

@@ -19,7 +19,7 @@ constexpr int kMaxSplit = 16;  // CTAs per cluster: the largest non-portable clu
 constexpr int kMaxDevices = 64;
 
 struct Config {
-  int block_m, block_n, warp_n, stages, split;
+  int block_m, block_n, warp_n, stages, split, all_slices;
 };
 
 // The (block_n, warp_n) pairs of the seed's search space: both cover a 256-row slice.
@@ -57,7 +57,8 @@ int device_smem_optin(int* bytes) {
 // Chooses the variant for a config on the current device: the fewest token sub-tiles (the
 // largest T) whose accumulators fit the registers and whose shared memory fits the device,
 // so that every config of the seed's search space runs. *smem receives its size.
-int resolve_config(const Config& c, const FusedMoeVariant** variant, int* smem) {
+int resolve_config(const Config& c, int N, const FusedMoeVariant** variant, int* smem) {
+  const int slices = N / kSliceRows;
   if (c.block_m < 8 || c.block_m > 128 || c.block_m % 8 != 0) {
     return fail(AMOE_ERR_UNSUPPORTED,
                 "block_m %d is not supported: valid values are 8..128 in steps of 8", c.block_m);
@@ -76,13 +77,35 @@ int resolve_config(const Config& c, const FusedMoeVariant** variant, int* smem) 
     return fail(AMOE_ERR_UNSUPPORTED, "split %d is not supported: valid values are 1..%d",
                 c.split, kMaxSplit);
   }
+  if (c.all_slices != 0 && c.all_slices != 1) {
+    return fail(AMOE_ERR_UNSUPPORTED, "all_slices must be 0 or 1, got %d", c.all_slices);
+  }
   int optin = 0;
   AMOE_TRY(device_smem_optin(&optin));
+  const bool halves = wgs == 2 && c.split == 1 && c.block_m > 64 &&
+                      c.block_m <= kVariantHalves.tokens;
+  // One CTA per token block for every N slice (bench/NOTES.md, item 47); with one slice it is
+  // the one-slice kernel.
+  if (c.all_slices) {
+    if (!halves) {
+      return fail(AMOE_ERR_UNSUPPORTED,
+                  "all_slices needs block_m 72 or 80 with (block_n, warp_n) = (32, 8) and split "
+                  "1, got block_m %d, (%d, %d), split %d",
+                  c.block_m, c.block_n, c.warp_n, c.split);
+    }
+    *variant = slices > 1 ? &kVariantHalvesAllSlices : &kVariantHalves;
+    *smem = (*variant)->smem_bytes(c.stages, c.block_m, c.split, slices);
+    if (*smem <= optin) return AMOE_OK;
+    return fail(AMOE_ERR_UNSUPPORTED,
+                "config (block_m %d, stages %d, all_slices) needs %d bytes of shared memory for "
+                "%d N slices; this device allows %d per block: use fewer stages",
+                c.block_m, c.stages, *smem, slices, optin);
+  }
   // Blocks of 72 or 80 tokens: one sub-tile (each warpgroup on its own half of the tokens)
   // reads every weight tile once, where two sub-tiles read it twice (bench/NOTES.md, item 45).
-  if (wgs == 2 && c.split == 1 && c.block_m > 64 && c.block_m <= kVariantHalves.tokens) {
+  if (halves) {
     *variant = &kVariantHalves;
-    *smem = kVariantHalves.smem_bytes(c.stages, c.block_m, c.split);
+    *smem = kVariantHalves.smem_bytes(c.stages, c.block_m, c.split, slices);
     if (*smem <= optin) return AMOE_OK;
   }
   int smallest = 0;
@@ -93,7 +116,7 @@ int resolve_config(const Config& c, const FusedMoeVariant** variant, int* smem) 
       return fail(AMOE_ERR_UNSUPPORTED, "no compiled variant for %d tokens x %d warpgroups",
                   tokens, wgs);
     }
-    *smem = (*variant)->smem_bytes(c.stages, c.block_m, c.split);
+    *smem = (*variant)->smem_bytes(c.stages, c.block_m, c.split, slices);
     if (*smem <= optin) return AMOE_OK;
     smallest = *smem;
     if (tokens == 8) break;
@@ -230,15 +253,16 @@ bool aligned(const void* p, size_t bytes) { return reinterpret_cast<uintptr_t>(p
 extern "C" {
 
 int amoe_fused_moe_check_config(int32_t K, int32_t N, int32_t block_m, int32_t block_n,
-                                int32_t warp_n, int32_t stages, int32_t split) {
+                                int32_t warp_n, int32_t stages, int32_t split,
+                                int32_t all_slices) {
   using namespace amoe;
   AMOE_REQUIRE(K > 0 && K % 128 == 0, "K must be a positive multiple of 128, got %d", K);
   AMOE_REQUIRE(N > 0 && N % 256 == 0, "N must be a positive multiple of 256, got %d", N);
-  const Config c{block_m, block_n, warp_n, stages, split};
+  const Config c{block_m, block_n, warp_n, stages, split, all_slices};
   const FusedMoeVariant* variant = nullptr;
   int smem = 0;
   AMOE_TRY(select_device());
-  AMOE_TRY(resolve_config(c, &variant, &smem));
+  AMOE_TRY(resolve_config(c, N, &variant, &smem));
   return check_clusters(c, variant, smem);
 }
 
@@ -249,7 +273,8 @@ int amoe_fused_moe_w8a8_up_down(const void* x, const float* x_scale, const void*
                                 void* out, int32_t M, int32_t K, int32_t N, int32_t num_experts,
                                 int32_t top_k, int32_t sorted_len, int32_t block_m, int32_t block_n,
                                 int32_t warp_n, int32_t stages, int32_t split,
-                                int32_t weight_layout, float scaling_factor, void* stream) {
+                                int32_t all_slices, int32_t weight_layout, float scaling_factor,
+                                void* stream) {
   using namespace amoe;
   AMOE_REQUIRE(x && x_scale && w && w_scale && w2 && w2_scale && sorted_token_ids && expert_ids &&
                    num_tokens_post_padded && topk_weights && out,
@@ -272,11 +297,11 @@ int amoe_fused_moe_w8a8_up_down(const void* x, const float* x_scale, const void*
                    aligned(w2_scale, 4) && aligned(topk_weights, 4) &&
                    aligned(sorted_token_ids, 4) && aligned(expert_ids, 4),
                "scale, weight, id and output pointers must be 4-byte aligned");
-  const Config c{block_m, block_n, warp_n, stages, split};
+  const Config c{block_m, block_n, warp_n, stages, split, all_slices};
   const FusedMoeVariant* variant = nullptr;
   int smem = 0;
   AMOE_TRY(select_device());
-  AMOE_TRY(resolve_config(c, &variant, &smem));
+  AMOE_TRY(resolve_config(c, N, &variant, &smem));
   if (M == 0 || sorted_len == 0) return AMOE_OK;
 
   int device = 0;
@@ -301,7 +326,7 @@ int amoe_fused_moe_w8a8_up_down(const void* x, const float* x_scale, const void*
   const int64_t slots = int64_t(M) * top_k;
   const int64_t blocks = std::min<int64_t>((int64_t(sorted_len) + block_m - 1) / block_m,
                                            slots / block_m + std::min<int64_t>(num_experts, slots));
-  const int64_t ctas = blocks * (N / kSliceRows) * split;
+  const int64_t ctas = blocks * (variant->all_slices ? 1 : N / kSliceRows) * split;
   AMOE_REQUIRE(ctas <= INT32_MAX, "too many token blocks x N slices x split for one launch");
   l.grid = dim3(unsigned(ctas), 1, 1);
   l.stream = static_cast<cudaStream_t>(stream);

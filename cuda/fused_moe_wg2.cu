@@ -12,5 +12,6 @@ const int kVariantsWg2Count = sizeof(kVariantsWg2) / sizeof(kVariantsWg2[0]);
 // Each consumer warpgroup on its own 40 tokens of a sub-tile of 80 against all 256 rows: 4 m64
 // tiles of accumulators and two groups of partial sums in flight fit without spills at 40, not
 // at 48 (88 bytes of spills; 96-token blocks gained 0-4 % more at M = 8192 only).
-const FusedMoeVariant kVariantHalves = AMOE_FUSED_MOE_HALVES_VARIANT(40, 2);
+const FusedMoeVariant kVariantHalves = AMOE_FUSED_MOE_HALVES_VARIANT(40, 2, false);
+const FusedMoeVariant kVariantHalvesAllSlices = AMOE_FUSED_MOE_HALVES_VARIANT(40, 2, true);
 }  // namespace amoe

@@ -7,8 +7,9 @@
  * {"1": {"block_m": 16, "block_n": 32, "warp_n": 8, "stages": 5, "split": 8}, "8": {...}, ...}
  * ```
  *
- * `split` is ours (the seed's tables do not have it) and optional: absent means 1. An optional
- * `"__metadata__"` key (any value) is ignored; other fields in an entry are ignored too.
+ * `split` and `all_slices` are ours (the seed's tables do not have them) and optional: absent
+ * means 1 and false. An optional `"__metadata__"` key (any value) is ignored; other fields in
+ * an entry are ignored too.
  *
  * @module
  */
@@ -29,6 +30,12 @@ export interface KernelConfig {
    * still stream the weights through many SMs. Absent: 1, the seed's kernel.
    */
   split?: number;
+  /**
+   * One CTA per token block covers every 256-row N slice of the layer and adds each output row
+   * once (where N > 256; otherwise the same as false). Only with `blockM` 72 or 80,
+   * (`blockN`, `warpN`) = (32, 8) and `split` 1. Absent: false, one CTA per slice.
+   */
+  allSlices?: boolean;
 }
 
 /** A parsed table: token count -> config, iterating in ascending token count. */
@@ -111,7 +118,20 @@ function findProblem(c: KernelConfig): Problem | undefined {
       message: `split must be an integer in ${SPLIT_RANGE[0]}..${SPLIT_RANGE[1]}, got ${split}`,
     };
   }
+  if (c.allSlices && !allSlicesAllowed(c)) {
+    return {
+      field: "all_slices",
+      message: `all_slices needs block_m 72 or 80, (block_n, warp_n) = (32, 8) and split 1, ` +
+        `got block_m ${c.blockM}, (${c.blockN}, ${c.warpN}), split ${split}`,
+    };
+  }
   return undefined;
+}
+
+/** Whether a config's block shape can take `allSlices` (see {@link KernelConfig.allSlices}). */
+export function allSlicesAllowed(c: KernelConfig): boolean {
+  return (c.blockM === 72 || c.blockM === 80) && c.blockN === 32 && c.warpN === 8 &&
+    (c.split ?? 1) === 1;
 }
 
 /**
@@ -142,8 +162,9 @@ const KEY_RE = /^(0|[1-9][0-9]*)$/;
  * @throws {ConfigError} naming the key and field for: a non-object table, a key that is not
  * a non-negative integer, an entry that is not an object, a missing or non-integer field,
  * `block_m` not a multiple of 8 in 8..128, a (block_n, warp_n) pair not in
- * {@link VALID_BLOCK_N_WARP_N}, `stages` outside 1..8, a `split` (optional) outside 1..16, or a
- * table with no entries.
+ * {@link VALID_BLOCK_N_WARP_N}, `stages` outside 1..8, a `split` (optional) outside 1..16, an
+ * `all_slices` (optional) that is not a boolean or is true for a block shape that cannot take it
+ * ({@link allSlicesAllowed}), or a table with no entries.
  */
 export function parseConfigTable(json: unknown, source = "config table"): ConfigTable {
   if (typeof json !== "object" || json === null || Array.isArray(json)) {
@@ -185,6 +206,17 @@ export function parseConfigTable(json: unknown, source = "config table"): Config
         );
       }
       c.split = x;
+    }
+    if ("all_slices" in v) {
+      const x = v.all_slices;
+      if (typeof x !== "boolean") {
+        throw new ConfigError(
+          `${where}: field "all_slices" must be true or false, got ${JSON.stringify(x)}`,
+          key,
+          "all_slices",
+        );
+      }
+      if (x) c.allSlices = true;
     }
     const problem = findProblem(c);
     if (problem !== undefined) {

@@ -228,6 +228,7 @@ export function fusedMoeW8A8UpDown(
       config.warpN,
       config.stages,
       config.split ?? 1,
+      config.allSlices ? 1 : 0,
       layout === "tiles" ? 1 : 0,
       scalingFactor,
       stream,
@@ -251,6 +252,7 @@ export function checkKernelConfig(K: number, N: number, config: KernelConfig): v
       config.warpN,
       config.stages,
       config.split ?? 1,
+      config.allSlices ? 1 : 0,
     ),
   );
 }

@@ -20,6 +20,7 @@ import { AlphaMoeError, Status } from "../ffi/errors.ts";
 import { symbols } from "../ffi/library.ts";
 import { DeviceBuffer } from "./buffer.ts";
 import {
+  allSlicesAllowed,
   defaultConfig,
   gpuShortName,
   type KernelConfig,
@@ -216,7 +217,9 @@ export const TUNE_SPLITS: readonly number[] = Object.freeze([1, 2, 3, 4, 5, 6, 7
 
 /**
  * The seed's search space (block_m 8..128 step 8 x (block_n, warp_n) pairs x stages 1..5), each
- * with every split of {@link TUNE_SPLITS}; {@link worthSplitting} prunes the splits per batch.
+ * with every split of {@link TUNE_SPLITS}, plus `allSlices` for the block shapes that take it
+ * ({@link allSlicesAllowed}); {@link worthSplitting} prunes the splits per batch, and the tuner
+ * drops `allSlices` where N has one slice (the same kernel).
  */
 export function searchSpace(): KernelConfig[] {
   const out: KernelConfig[] = [];
@@ -225,7 +228,15 @@ export function searchSpace(): KernelConfig[] {
       for (const stages of TUNE_STAGES) {
         for (const split of TUNE_SPLITS) {
           // Canonical form: no split field for 1, as in the seed's tables.
-          out.push({ blockM, blockN, warpN, stages, ...(split > 1 ? { split } : {}) });
+          const c: KernelConfig = {
+            blockM,
+            blockN,
+            warpN,
+            stages,
+            ...(split > 1 ? { split } : {}),
+          };
+          out.push(c);
+          if (allSlicesAllowed(c)) out.push({ ...c, allSlices: true });
         }
       }
     }
@@ -261,16 +272,21 @@ export function blockMLimit(maxTokensPerExpert: number): number {
   return Math.min(128, Math.max(16, twice));
 }
 
-/** `block_m/block_n/warp_n/stages`, then `xSPLIT` when split > 1: `16/32/8/4`, `8/64/4/3x8`. */
+/**
+ * `block_m/block_n/warp_n/stages`, then `xSPLIT` when split > 1 and `/all` with allSlices:
+ * `16/32/8/4`, `8/64/4/3x8`, `80/32/8/3/all`.
+ */
 export function configKey(c: KernelConfig): string {
   const split = c.split ?? 1;
-  return `${c.blockM}/${c.blockN}/${c.warpN}/${c.stages}${split > 1 ? `x${split}` : ""}`;
+  return `${c.blockM}/${c.blockN}/${c.warpN}/${c.stages}${split > 1 ? `x${split}` : ""}` +
+    (c.allSlices ? "/all" : "");
 }
 
-/** Same five fields (an absent split is 1). */
+/** Same six fields (an absent split is 1, an absent allSlices false). */
 export function sameConfig(a: KernelConfig, b: KernelConfig): boolean {
   return a.blockM === b.blockM && a.blockN === b.blockN && a.warpN === b.warpN &&
-    a.stages === b.stages && (a.split ?? 1) === (b.split ?? 1);
+    a.stages === b.stages && (a.split ?? 1) === (b.split ?? 1) &&
+    (a.allSlices ?? false) === (b.allSlices ?? false);
 }
 
 /**
@@ -283,7 +299,8 @@ export function orderByHint(configs: readonly KernelConfig[], hint: KernelConfig
     Math.abs(Math.log2(c.blockM) - Math.log2(hint.blockM)) +
     Math.abs(Math.log2(c.split ?? 1) - Math.log2(hint.split ?? 1)) +
     0.35 * Math.abs(c.stages - hint.stages) +
-    (c.blockN === hint.blockN && c.warpN === hint.warpN ? 0 : 0.5);
+    (c.blockN === hint.blockN && c.warpN === hint.warpN ? 0 : 0.5) +
+    ((c.allSlices ?? false) === (hint.allSlices ?? false) ? 0 : 0.5);
   return configs.map((c, i) => ({ c, i, d: d(c) }))
     .sort((a, b) => a.d - b.d || a.i - b.i)
     .map((x) => x.c);
@@ -631,7 +648,8 @@ export interface TuneResultsFile {
 
 /**
  * A table in the seed's format: `{"<tokens>": {"block_m", "block_n", "warp_n", "stages"}}`, plus
- * `"split"` on entries whose split is above 1 (ours; the seed has no such field), keys
+ * `"split"` on entries whose split is above 1 and `"all_slices": true` where set (ours; the seed
+ * has neither field), keys
  * in ascending numeric order, one entry per line, nothing else, so that the seed's
  * `get_best_config` (which calls `int()` on every key) reads it as well as {@link
  * parseConfigTable} does. The timings and provenance go to the results file instead.
@@ -640,7 +658,8 @@ export function tableJson(entries: Iterable<readonly [number, KernelConfig]>): s
   const sorted = [...entries].sort((a, b) => a[0] - b[0]);
   const lines = sorted.map(([m, c]) =>
     `  "${m}": {"block_m": ${c.blockM}, "block_n": ${c.blockN}, "warp_n": ${c.warpN}, ` +
-    `"stages": ${c.stages}${(c.split ?? 1) > 1 ? `, "split": ${c.split}` : ""}}`
+    `"stages": ${c.stages}${(c.split ?? 1) > 1 ? `, "split": ${c.split}` : ""}` +
+    `${c.allSlices ? `, "all_slices": true` : ""}}`
   );
   const text = `{\n${lines.join(",\n")}\n}\n`;
   parseConfigTable(JSON.parse(text), "tableJson"); // never write what we could not read back
@@ -1232,11 +1251,13 @@ export async function tuneConfigs(
     seed,
     copyBandwidthGBs: 0,
     search: {
-      space: `block_m 8..128 step 8 x (block_n, warp_n) in ${
-        VALID_BLOCK_N_WARP_N.map(([a, b]) => `(${a}, ${b})`).join(", ")
-      } x stages ${TUNE_STAGES[0]}..${TUNE_STAGES[TUNE_STAGES.length - 1]} x split ${
-        TUNE_SPLITS.join("/")
-      }, less what checkKernelConfig refuses`,
+      space:
+        `block_m 8..128 step 8 x (block_n, warp_n) in ${
+          VALID_BLOCK_N_WARP_N.map(([a, b]) => `(${a}, ${b})`).join(", ")
+        } x stages ${TUNE_STAGES[0]}..${TUNE_STAGES[TUNE_STAGES.length - 1]} x split ${
+          TUNE_SPLITS.join("/")
+        }, plus all_slices for block_m 72/80 (32, 8) split 1 where N > 256, less what ` +
+        `checkKernelConfig refuses`,
       pruning: "block_m <= max(16, 2 x the busiest expert's slots rounded up to 8); " +
         "split > 1 only while units x split <= 2 x SMs",
       rounds: `${describeRounds(rounds)}; the last round's series each on its own routing draw`,
@@ -1290,6 +1311,7 @@ export async function tuneConfigs(
   const runnable: KernelConfig[] = [];
   const refusedUpFront: string[] = [];
   for (const c of searchSpace()) {
+    if (c.allSlices && N === 256) continue; // one slice: the same kernel as without
     try {
       checkKernelConfig(K, N, c);
       runnable.push(c);

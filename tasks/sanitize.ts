@@ -4,7 +4,8 @@
  * compute-sanitizer (memcheck, then racecheck), with the -lineinfo build. block_m 8 leaves the
  * routing's last block part-filled, which the kernel must not read past; K = 384 leaves the last
  * down tile half past K (zero-filled from row-major weights, padding in stored tiles). One more
- * run at block_m 80 covers the warpgroups on separate token halves.
+ * run at block_m 80 per N of 256 and 768 covers the warpgroups on separate token halves, over one
+ * N slice and over three in one CTA.
  * `--child` is the part that runs under the sanitizer.
  *
  * @module
@@ -38,23 +39,25 @@ function child(): void {
     }
   }
   // ~75 slots per expert: blocks of 80 are one sub-tile with each consumer warpgroup on its own
-  // half of the tokens, the second half part-filled.
-  const big = makeRandomMoeProblem({
-    M: 150,
-    K: 384,
-    N: 512,
-    numExperts: 4,
-    topK: 2,
-    blockM: 8,
-    seed: 12,
-  });
-  using dev = new DeviceMoeProblem(big);
-  check(
-    dev,
-    reference(dev, big),
-    { blockM: 80, blockN: 32, warpN: 8, stages: 2, split: 1 },
-    "tiles",
-  );
+  // half of the tokens, the second half part-filled; with N = 768 one CTA covers three slices.
+  for (const N of [256, 768]) {
+    const big = makeRandomMoeProblem({
+      M: 150,
+      K: 384,
+      N,
+      numExperts: 4,
+      topK: 2,
+      blockM: 8,
+      seed: 12,
+    });
+    using dev = new DeviceMoeProblem(big);
+    check(
+      dev,
+      reference(dev, big),
+      { blockM: 80, blockN: 32, warpN: 8, stages: 2, split: 1 },
+      `tiles, N ${N}`,
+    );
+  }
 }
 
 function reference(dev: DeviceMoeProblem, p: MoeProblem): Float32Array {

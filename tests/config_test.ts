@@ -280,3 +280,33 @@ Deno.test("parse: split is optional (absent = 1), an integer in 1..16", () => {
   );
   assert.match(configProblem({ blockM: 8, blockN: 32, warpN: 8, stages: 2, split: 1.5 })!, /split/);
 });
+
+Deno.test("parse: all_slices is optional (absent = false), a boolean, only for 72/80 (32, 8) split 1", () => {
+  const all = { block_m: 80, block_n: 32, warp_n: 8, stages: 3, all_slices: true };
+  const t = parseConfigTable({
+    "2048": all,
+    "4096": { ...all, all_slices: false },
+    "8192": { ...all, block_m: 72 },
+  });
+  assert.equal(t.get(2048)!.allSlices, true);
+  assert.equal(t.get(4096)!.allSlices, undefined);
+  assert.equal(t.get(8192)!.allSlices, true);
+  assertConfigError(
+    () => parseConfigTable({ "1": { ...all, all_slices: 1 } }),
+    /field "all_slices" must be true or false/,
+    "1",
+    "all_slices",
+  );
+  for (const bad of [{ block_m: 64 }, { block_n: 64, warp_n: 4 }, { split: 2 }]) {
+    assertConfigError(
+      () => parseConfigTable({ "1": { ...all, ...bad } }),
+      /key "1": all_slices needs block_m 72 or 80/,
+      "1",
+      "all_slices",
+    );
+  }
+  assert.equal(
+    configProblem({ blockM: 80, blockN: 32, warpN: 8, stages: 3, allSlices: true }),
+    undefined,
+  );
+});

@@ -208,6 +208,52 @@ gpuTest("blocks of 72..128 tokens: both warpgroups' token halves, K % 256 == 128
   console.log(`32 configs of large blocks, worst relative L2 ${worst.toExponential(3)}`);
 });
 
+gpuTest("all_slices: one CTA per token block over one, two and three N slices", () => {
+  // Blocks of 72 and 80, with and without all_slices: with N > 256 one CTA covers every slice
+  // of its token block and adds each output row once; N = 256 is the one-slice kernel either way.
+  let worst = 0;
+  for (const N of [256, 512, 768]) {
+    const p = makeRandomMoeProblem({
+      M: 160,
+      K: 640,
+      N,
+      numExperts: 3,
+      topK: 2,
+      blockM: 8,
+      seed: 6,
+    });
+    using dev = new DeviceMoeProblem(p);
+    const ref = references(dev, p, 8).requant;
+    for (const blockM of [72, 80]) {
+      for (const stages of [1, 3]) {
+        for (const allSlices of [false, true]) {
+          dev.run({ ...cfg(blockM, 32, 8, stages), allSlices });
+          worst = Math.max(
+            worst,
+            assertClose(
+              dev.readOut(),
+              ref,
+              `N ${N} block_m ${blockM} stages ${stages} all_slices ${allSlices}`,
+            ),
+          );
+        }
+      }
+    }
+  }
+  console.log(
+    `24 configs of token halves, all_slices on and off, worst relative L2 ${
+      worst.toExponential(3)
+    }`,
+  );
+  // The library refuses all_slices where the block shape cannot take it.
+  assert.throws(
+    () => checkKernelConfig(7168, 512, { ...cfg(64, 32, 8, 3), allSlices: true }),
+    (e: unknown) =>
+      e instanceof UnsupportedError && /all_slices needs block_m 72 or 80/.test(e.message),
+  );
+  checkKernelConfig(4096, 768, { ...cfg(80, 32, 8, 3), allSlices: true });
+});
+
 // Splits above 3 leave CTAs of the small shape with no up or no down work, which must still
 // take part in every cluster exchange.
 gpuTest("split units: splits 2..16 (odd ones too) against the reference on a small shape", () => {

@@ -4,6 +4,7 @@ import assert from "node:assert/strict";
 import { pathToFileURL } from "node:url";
 import { CudaFatalError, UnsupportedError } from "../ffi/errors.ts";
 import {
+  allSlicesAllowed,
   bundledConfig,
   clearConfigCache,
   CONFIG_ENV_VAR,
@@ -116,15 +117,20 @@ Deno.test("balancedTopkIds: the seed's balancedness (uniform, one-hot, mixture),
 
 /** The seed's part of the search space (split 1): the synthetic kernels below ignore split. */
 function seedSpace(): KernelConfig[] {
-  return searchSpace().filter((c) => (c.split ?? 1) === 1);
+  return searchSpace().filter((c) => (c.split ?? 1) === 1 && !c.allSlices);
 }
 
 Deno.test("search space and pruning", () => {
   const space = searchSpace();
-  assert.equal(space.length, 16 * 2 * 5 * TUNE_SPLITS.length);
+  // all_slices: block_m 72 and 80 with (32, 8), split 1, stages 1..5.
+  assert.equal(space.length, 16 * 2 * 5 * TUNE_SPLITS.length + 2 * 5);
+  assert.equal(space.filter((c) => c.allSlices).length, 10);
+  assert.ok(space.filter((c) => c.allSlices).every(allSlicesAllowed));
   assert.equal(seedSpace().length, 160);
   assert.equal(new Set(space.map(configKey)).size, space.length);
   assert.equal(configKey({ ...cfg(8, 64, 4, 3), split: 8 }), "8/64/4/3x8");
+  assert.equal(configKey({ ...cfg(80, 32, 8, 3), allSlices: true }), "80/32/8/3/all");
+  assert.ok(!sameConfig(cfg(80, 32, 8, 3), { ...cfg(80, 32, 8, 3), allSlices: true }));
   // One token over 9 experts: 9 units; splits up to 16 keep 144 CTAs within two waves of 132.
   assert.equal(unitsOfWork([1, 0, 2, 9], 8, 512), 2 * (1 + 1 + 2));
   assert.ok(worthSplitting(16, 9, 132));

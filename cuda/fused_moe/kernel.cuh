@@ -130,15 +130,20 @@ struct SmemLayout {
   // x T) and the SwiGLU outputs of the pairs each owns (kSliceRows / 2 x T).
   static constexpr int kPartialBytes = (kSliceRows + kSliceRows / 2) * T * 4;
 
-  // Bytes after the ring: activation tile, output staging, [split > 1: partial sums], two amax
-  // buffers, per-slot token row and weight.
-  __host__ __device__ static constexpr int tail_bytes(int block_m, int split) {
-    return kTokenTileBytes + kStagingBytes + (split > 1 ? kPartialBytes : 0) + 2 * T * 4 +
-           block_m * 8;
+  // Bytes after the ring: `act_tiles` activation tiles (one per N slice the CTA covers), output
+  // staging, [split > 1: partial sums], two amax buffers, [act_tiles > 1: each slice's
+  // activation scales], per-slot token row and weight.
+  __host__ __device__ static constexpr int act_scale_bytes(int act_tiles) {
+    return act_tiles > 1 ? act_tiles * T * 4 : 0;
   }
-  __host__ __device__ static constexpr int total_bytes(int stages, int block_m, int split) {
-    return 1024 /* alignment slack */ + stages * kStageBytes + tail_bytes(block_m, split) +
-           (stages + 1) * 16 /* ring and exchange barriers */;
+  __host__ __device__ static constexpr int tail_bytes(int block_m, int split, int act_tiles) {
+    return act_tiles * kTokenTileBytes + kStagingBytes + (split > 1 ? kPartialBytes : 0) +
+           2 * T * 4 + act_scale_bytes(act_tiles) + block_m * 8;
+  }
+  __host__ __device__ static constexpr int total_bytes(int stages, int block_m, int split,
+                                                       int act_tiles) {
+    return 1024 /* alignment slack */ + stages * kStageBytes +
+           tail_bytes(block_m, split, act_tiles) + (stages + 1) * 16 /* ring and exchange barriers */;
   }
 };
 
@@ -162,6 +167,7 @@ struct Ring {
 // Per-CTA facts both roles need.
 struct BlockInfo {
   int expert, slice, kblocks, subtiles;
+  int slices;            // N slices this CTA covers, from `slice` on (all-slices units: all)
   int kb_begin, kb_end;  // this CTA's share of the up projection's K blocks
   int dt_begin, dt_end;  // and of the down projection's 256-row output tiles
   int split, rank;       // CTAs sharing the unit, and this one's rank among them
@@ -219,7 +225,26 @@ __device__ __forceinline__ int sw128_offset(int row, int k) {
 
 // Stages of the first pass of sub-tile 0: every one of them finds its slot free.
 __device__ __forceinline__ int first_pass_stages(const BlockInfo& b, int stages) {
-  return min(stages, (b.kb_end - b.kb_begin) + (b.dt_end - b.dt_begin));
+  return min(stages, ((b.kb_end - b.kb_begin) + (b.dt_end - b.dt_begin)) * b.slices);
+}
+
+// Where stage i of a sub-tile reads. A CTA that covers several N slices (kAllSlices) runs the
+// up tiles of each slice in turn, then for each down tile the slices' parts of it in turn.
+struct StageSource {
+  bool up;
+  int slice;  // of the CTA's slices (add BlockInfo::slice)
+  int index;  // K block (up) or down tile
+};
+template <bool kAllSlices>
+__device__ __forceinline__ StageSource stage_source(const BlockInfo& b, int i) {
+  const int nkb = b.kb_end - b.kb_begin;
+  if (!kAllSlices) {
+    return i < nkb ? StageSource{true, 0, b.kb_begin + i} : StageSource{false, 0, b.dt_begin + i - nkb};
+  }
+  const int up_stages = nkb * b.slices;
+  if (i < up_stages) return StageSource{true, i / nkb, b.kb_begin + i % nkb};
+  const int j = i - up_stages;
+  return StageSource{false, j % b.slices, b.dt_begin + j / b.slices};
 }
 
 // Raises the expected bytes of stage i's slot and loads its weight tile, with the L2 policy
@@ -228,41 +253,44 @@ __device__ __forceinline__ int first_pass_stages(const BlockInfo& b, int stages)
 // the token and output rows that other CTAs come back to. Several blocks of one expert run
 // side by side and each reads the weights: there, and in blocks of a few tokens, evict-first
 // cost up to 8 % (bench/NOTES.md, item 29).
+template <bool kAllSlices>
 __device__ __forceinline__ void issue_weight_tile(const BlockInfo& b, bool tiled, uint8_t* st,
                                                   uint64_t* full, int i) {
-  const int nkb = b.kb_end - b.kb_begin;
+  const StageSource src = stage_source<kAllSlices>(b, i);
+  const int slice = b.slice + src.slice;
   const uint64_t policy = b.streamed ? ptx::policy_evict_first() : ptx::policy_evict_normal();
   ptx::mbar_expect_tx(full, kWeightTileBytes);
   // Both layouts are 5-dim maps (see the host's w_key, w2_key). An up tile is (K block, slice,
   // expert) in both. A down tile is (tile, slice, expert) when stored as tiles; row-major, its
   // rows are dim 1 (so that rows past K read as zeros) and dim 2 has size 1.
-  if (i < nkb) {
-    ptx::tma_load_5d(st, b.w_map, full, 0, b.kb_begin + i, b.slice, b.expert, policy);
+  if (src.up) {
+    ptx::tma_load_5d(st, b.w_map, full, 0, src.index, slice, b.expert, policy);
   } else {
-    const int dt = b.dt_begin + i - nkb;
-    ptx::tma_load_5d(st, b.w2_map, full, tiled ? 0 : dt * kSliceRows, tiled ? dt : 0, b.slice,
+    const int dt = src.index;
+    ptx::tma_load_5d(st, b.w2_map, full, tiled ? 0 : dt * kSliceRows, tiled ? dt : 0, slice,
                      b.expert, policy);
   }
 }
 
 // Called by thread 0 (the producer's lane 0) right after the barriers are initialised.
+template <bool kAllSlices>
 __device__ __forceinline__ void issue_first_pass(const BlockInfo& b, bool tiled, const Ring& ring) {
   const int first = first_pass_stages(b, ring.stages);
   for (int i = 0; i < first; ++i) {
-    issue_weight_tile(b, tiled, ring.base + i * ring.stage_bytes, &ring.full[i], i);
+    issue_weight_tile<kAllSlices>(b, tiled, ring.base + i * ring.stage_bytes, &ring.full[i], i);
   }
 }
 
-template <int T>
+template <int T, bool kAllSlices>
 __device__ __forceinline__ void produce(const FusedMoeParams& p, const BlockInfo& b, Ring ring,
                                         int ptid) {
   using L = SmemLayout<T, 1>;  // the ring's layout does not depend on WGS
   const int slices = p.N / kSliceRows;
-  const float* ws_gate = p.w_scale + (size_t(b.expert) * (p.N / 128) + 2 * b.slice) * b.kblocks;
-  const float* ws_up = ws_gate + b.kblocks;
-  const float* w2s = p.w2_scale + size_t(b.expert) * b.kblocks * slices + b.slice;
+  // Gate block scales of slice `slice` (the up ones follow them).
+  const float* ws_expert = p.w_scale + size_t(b.expert) * (p.N / 128) * b.kblocks;
+  const float* w2s_expert = p.w2_scale + size_t(b.expert) * b.kblocks * slices;
   const int nkb = b.kb_end - b.kb_begin;
-  const int stages_per_sub = nkb + (b.dt_end - b.dt_begin);
+  const int stages_per_sub = (nkb + (b.dt_end - b.dt_begin)) * b.slices;
   const int first = first_pass_stages(b, ring.stages);
   // Token rows go through the async-copy unit in 16-byte chunks, not one TMA copy per row,
   // which left the TMA unit fewer requests besides the weight tiles (bench/NOTES.md, item 33).
@@ -295,13 +323,17 @@ __device__ __forceinline__ void produce(const FusedMoeParams& p, const BlockInfo
       uint64_t* full = &ring.full[ring.stage];
       if (!(sub == 0 && i < first)) {  // else issued by the prologue
         ptx::mbar_wait(&ring.empty[ring.stage], ring.phase ^ 1);
-        if (ptid == 0) issue_weight_tile(b, p.tiled != 0, st, full, i);
+        if (ptid == 0) issue_weight_tile<kAllSlices>(b, p.tiled != 0, st, full, i);
       }
+      const StageSource source = stage_source<kAllSlices>(b, i);
+      const int slice = b.slice + source.slice;
       // Scales: x scales [T] and gate, up for an up tile; w2 scales of the two 128-row halves
       // (at T, T + 1) for a down tile. Absent ones are zero-filled (source size 0).
       float* sc = reinterpret_cast<float*>(st + L::kScaleOffset);
-      if (i < nkb) {
-        const int kb = b.kb_begin + i;
+      if (source.up) {
+        const int kb = source.index;
+        const float* ws_gate = ws_expert + 2 * slice * b.kblocks;
+        const float* ws_up = ws_gate + b.kblocks;
         // Rows without a token are not copied: their columns of the products are never used.
 #pragma unroll
         for (int j = 0; j < kRowsPerThread; ++j) {
@@ -321,7 +353,8 @@ __device__ __forceinline__ void produce(const FusedMoeParams& p, const BlockInfo
           ptx::cp_async_4(sc + T + 1, ws_up + kb, 4);
         }
       } else if (ptid == 0) {
-        const int half = 2 * (b.dt_begin + i - nkb);
+        const int half = 2 * source.index;
+        const float* w2s = w2s_expert + slice;
         ptx::cp_async_4(sc + T, w2s + size_t(half) * slices, 4);
         const bool hi = half + 1 < b.kblocks;  // K % 256 == 128: the last tile has one half
         ptx::cp_async_4(sc + T + 1, hi ? w2s + size_t(half + 1) * slices : w2s, hi ? 4 : 0);
@@ -334,10 +367,10 @@ __device__ __forceinline__ void produce(const FusedMoeParams& p, const BlockInfo
 
 // ---------------------------------------------------------------------------------------
 // Consumers: WGS warpgroups, each owning 256/WGS rows of every weight tile.
-template <int T, int WGS, bool kHalves>
+template <int T, int WGS, bool kHalves, bool kAllSlices>
 __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo& b, Ring ring,
                                         uint8_t* act, uint8_t* staging, float* partial,
-                                        uint32_t* amax,
+                                        uint32_t* amax, float* act_scale,
                                         ClusterExchange xc, int ctid) {
   // kHalves: each warpgroup takes its own T tokens of the sub-tile against all 256 rows, so a
   // weight tile serves WGS * T tokens; else the warpgroups share T tokens and split the rows.
@@ -385,196 +418,207 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
   for (int sub = 0; sub < b.subtiles; ++sub) {
     const int t0 = sub * S;
     const int tcount = min(S, p.block_m - t0);
-    uint32_t* amax_cur = amax + (sub & 1) * S + tw;
+    // All-slices units (kAllSlices, one sub-tile) run the up projection of each slice in turn,
+    // each into its own activation tile.
+    float col_factor[T / 8][2];  // topk weight * scaling factor * activation scale
+    for (int s = 0; s < (kAllSlices ? b.slices : 1); ++s) {
+      // The amax buffers alternate per pass (sub-tile, or slice of an all-slices unit).
+      const int pass = kAllSlices ? s : sub;
+      uint32_t* amax_cur = amax + (pass & 1) * S + tw;
+      uint8_t* act_s = act + s * L::kTokenTileBytes;  // this slice's FP8 activation tile
 
-    // ---- up projection: acc = sum_kb (w_kb . x_kb^T) * w_scale * x_scale ----
-#pragma unroll
-    for (int m = 0; m < kTiles; ++m)
-#pragma unroll
-      for (int r = 0; r < kRegs; ++r) acc[m][r] = 0.0f;
-
-    for (int kb = b.kb_begin; kb < b.kb_end; ++kb) {
-      ptx::mbar_wait(&ring.full[ring.stage], ring.phase);
-      // The token rows were written by the producer's async copies, i.e. through the generic
-      // proxy; the wgmmas read them through the async proxy.
-      ptx::fence_proxy_async_smem();
-      const uint8_t* st = ring.current();
-      // The scale of each accumulator register (block scale of its gate or up row times its
-      // token's x scale), read once per stage: the steps' asm memory clobbers would otherwise
-      // reload and re-multiply them at every promotion, twice the promotion's own FFMAs.
-      float scale[T / 8][4];
-      {
-        const float* sc = reinterpret_cast<const float*>(st + L::kScaleOffset);
-        const float ws_gate = sc[S];
-        const float ws_up = sc[S + 1];
-#pragma unroll
-        for (int j = 0; j < T / 8; ++j) {
-          const float2 x2 = *reinterpret_cast<const float2*>(sc + tw + j * 8 + quad * 2);
-          scale[j][0] = ws_gate * x2.x;
-          scale[j][1] = ws_gate * x2.y;
-          scale[j][2] = ws_up * x2.x;
-          scale[j][3] = ws_up * x2.y;
-        }
-      }
-      // Group g: steps g * kUpPromoteSteps .. (g + 1) * kUpPromoteSteps - 1 (step = m * 4 + ks)
-      // accumulate in part[g % kDepth].
-      auto issue = [&](int g) {
-        ptx::wgmma_fence();
-#pragma unroll
-        for (int s = 0; s < kUpPromoteSteps; ++s) {
-          const int step = g * kUpPromoteSteps + s;
-          WgmmaFp8<T>::mma(
-              part[g % kDepth],
-              ptx::sw128_desc(st + (wg_row0 + (step / 4) * 64) * kKBlock + (step % 4) * 32),
-              ptx::sw128_desc(st + L::kXOffset + tw * kKBlock + (step % 4) * 32), s);
-        }
-        ptx::wgmma_commit();
-      };
-#pragma unroll
-      for (int g = 0; g < kDepth - 1; ++g) issue(g);
-#pragma unroll
-      for (int g = 0; g < kUpGroups; ++g) {
-        if (g + kDepth - 1 < kUpGroups) issue(g + kDepth - 1);
-        ptx::wgmma_wait_at_most(std::min(kDepth - 1, kUpGroups - 1 - g));  // group g is done
-        ptx::fence_operands(part[g % kDepth]);
-        float(&done)[kRegs] = part[g % kDepth];
-        float(&into)[kRegs] = acc[g * kUpPromoteSteps / 4];
-        // Promote the FP8 partial sums to fp32 with both block scales: one FFMA each.
-#pragma unroll
-        for (int j = 0; j < T / 8; ++j)
-#pragma unroll
-          for (int h = 0; h < 4; ++h) into[4 * j + h] += done[4 * j + h] * scale[j][h];
-      }
-      ptx::mbar_arrive(&ring.empty[ring.stage]);
-      ring.advance();
-    }
-
-    // ---- split unit: sum the partials of this CTA's 16-row groups over the cluster ----
-    // Thread-major slots: the same (thread, tile, register) place in every CTA's buffer.
-    float4* const mine = reinterpret_cast<float4*>(partial);
-    float2* const h_mine = reinterpret_cast<float2*>(partial + kSliceRows * T);
-    auto slot = [&](int m, int q) { return (m * (kRegs / 4) + q) * kConsumerThreads + ctid; };
-    auto h_slot = [&](int m, int j) { return (m * (T / 8) + j) * kConsumerThreads + ctid; };
-    auto group_of = [&](int m) { return wg_row0 / 16 + m * 4 + warp; };
-    if (!kHalves && b.split > 1) {
+      // ---- up projection: acc = sum_kb (w_kb . x_kb^T) * w_scale * x_scale ----
 #pragma unroll
       for (int m = 0; m < kTiles; ++m)
 #pragma unroll
-        for (int q = 0; q < kRegs / 4; ++q) {
-          mine[slot(m, q)] =
-              make_float4(acc[m][4 * q], acc[m][4 * q + 1], acc[m][4 * q + 2], acc[m][4 * q + 3]);
+        for (int r = 0; r < kRegs; ++r) acc[m][r] = 0.0f;
+
+      for (int kb = b.kb_begin; kb < b.kb_end; ++kb) {
+        ptx::mbar_wait(&ring.full[ring.stage], ring.phase);
+        // The token rows were written by the producer's async copies, i.e. through the generic
+        // proxy; the wgmmas read them through the async proxy.
+        ptx::fence_proxy_async_smem();
+        const uint8_t* st = ring.current();
+        // The scale of each accumulator register (block scale of its gate or up row times its
+        // token's x scale), read once per stage: the steps' asm memory clobbers would otherwise
+        // reload and re-multiply them at every promotion, twice the promotion's own FFMAs.
+        float scale[T / 8][4];
+        {
+          const float* sc = reinterpret_cast<const float*>(st + L::kScaleOffset);
+          const float ws_gate = sc[S];
+          const float ws_up = sc[S + 1];
+#pragma unroll
+          for (int j = 0; j < T / 8; ++j) {
+            const float2 x2 = *reinterpret_cast<const float2*>(sc + tw + j * 8 + quad * 2);
+            scale[j][0] = ws_gate * x2.x;
+            scale[j][1] = ws_gate * x2.y;
+            scale[j][2] = ws_up * x2.x;
+            scale[j][3] = ws_up * x2.y;
+          }
         }
-      if (sub == 0) ptx::cluster_wait();  // the prologue's arrival: every peer is running
-      xc.sync(ctid, kConsumerThreads);
+        // Group g: steps g * kUpPromoteSteps .. (g + 1) * kUpPromoteSteps - 1 (step = m * 4 + ks)
+        // accumulate in part[g % kDepth].
+        auto issue = [&](int g) {
+          ptx::wgmma_fence();
 #pragma unroll
-      for (int m = 0; m < kTiles; ++m) {
-        if (group_of(m) % b.split == b.rank) {
-          // kPeersInFlight remote loads are issued before any is used: a loop of load-then-add
-          // paid one DSMEM round trip per peer.
-          for (int peer0 = 0; peer0 < b.split; peer0 += kPeersInFlight) {
+          for (int s = 0; s < kUpPromoteSteps; ++s) {
+            const int step = g * kUpPromoteSteps + s;
+            WgmmaFp8<T>::mma(
+                part[g % kDepth],
+                ptx::sw128_desc(st + (wg_row0 + (step / 4) * 64) * kKBlock + (step % 4) * 32),
+                ptx::sw128_desc(st + L::kXOffset + tw * kKBlock + (step % 4) * 32), s);
+          }
+          ptx::wgmma_commit();
+        };
 #pragma unroll
-            for (int q = 0; q < kRegs / 4; ++q) {
-              float4 v[kPeersInFlight];
+        for (int g = 0; g < kDepth - 1; ++g) issue(g);
 #pragma unroll
-              for (int u = 0; u < kPeersInFlight; ++u) {
-                const int peer = peer0 + u;
-                v[u] = peer < b.split && peer != b.rank
-                           ? ptx::ld_cluster_f32x4(ptx::cluster_addr(&mine[slot(m, q)], peer))
-                           : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
-              }
+        for (int g = 0; g < kUpGroups; ++g) {
+          if (g + kDepth - 1 < kUpGroups) issue(g + kDepth - 1);
+          ptx::wgmma_wait_at_most(std::min(kDepth - 1, kUpGroups - 1 - g));  // group g is done
+          ptx::fence_operands(part[g % kDepth]);
+          float(&done)[kRegs] = part[g % kDepth];
+          float(&into)[kRegs] = acc[g * kUpPromoteSteps / 4];
+          // Promote the FP8 partial sums to fp32 with both block scales: one FFMA each.
 #pragma unroll
-              for (int u = 0; u < kPeersInFlight; ++u) {
-                acc[m][4 * q] += v[u].x;
-                acc[m][4 * q + 1] += v[u].y;
-                acc[m][4 * q + 2] += v[u].z;
-                acc[m][4 * q + 3] += v[u].w;
+          for (int j = 0; j < T / 8; ++j)
+#pragma unroll
+            for (int h = 0; h < 4; ++h) into[4 * j + h] += done[4 * j + h] * scale[j][h];
+        }
+        ptx::mbar_arrive(&ring.empty[ring.stage]);
+        ring.advance();
+      }
+
+      // ---- split unit: sum the partials of this CTA's 16-row groups over the cluster ----
+      // Thread-major slots: the same (thread, tile, register) place in every CTA's buffer.
+      float4* const mine = reinterpret_cast<float4*>(partial);
+      float2* const h_mine = reinterpret_cast<float2*>(partial + kSliceRows * T);
+      auto slot = [&](int m, int q) { return (m * (kRegs / 4) + q) * kConsumerThreads + ctid; };
+      auto h_slot = [&](int m, int j) { return (m * (T / 8) + j) * kConsumerThreads + ctid; };
+      auto group_of = [&](int m) { return wg_row0 / 16 + m * 4 + warp; };
+      if (!kHalves && b.split > 1) {
+#pragma unroll
+        for (int m = 0; m < kTiles; ++m)
+#pragma unroll
+          for (int q = 0; q < kRegs / 4; ++q) {
+            mine[slot(m, q)] =
+                make_float4(acc[m][4 * q], acc[m][4 * q + 1], acc[m][4 * q + 2], acc[m][4 * q + 3]);
+          }
+        if (sub == 0) ptx::cluster_wait();  // the prologue's arrival: every peer is running
+        xc.sync(ctid, kConsumerThreads);
+#pragma unroll
+        for (int m = 0; m < kTiles; ++m) {
+          if (group_of(m) % b.split == b.rank) {
+            // kPeersInFlight remote loads are issued before any is used: a loop of load-then-add
+            // paid one DSMEM round trip per peer.
+            for (int peer0 = 0; peer0 < b.split; peer0 += kPeersInFlight) {
+#pragma unroll
+              for (int q = 0; q < kRegs / 4; ++q) {
+                float4 v[kPeersInFlight];
+#pragma unroll
+                for (int u = 0; u < kPeersInFlight; ++u) {
+                  const int peer = peer0 + u;
+                  v[u] = peer < b.split && peer != b.rank
+                             ? ptx::ld_cluster_f32x4(ptx::cluster_addr(&mine[slot(m, q)], peer))
+                             : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+                }
+#pragma unroll
+                for (int u = 0; u < kPeersInFlight; ++u) {
+                  acc[m][4 * q] += v[u].x;
+                  acc[m][4 * q + 1] += v[u].y;
+                  acc[m][4 * q + 2] += v[u].z;
+                  acc[m][4 * q + 3] += v[u].w;
+                }
               }
             }
           }
         }
       }
-    }
 
-    // ---- SwiGLU in registers: fragment rows r (gate) and r + 8 (up) pair up ----
+      // ---- SwiGLU in registers: fragment rows r (gate) and r + 8 (up) pair up ----
 #pragma unroll
-    for (int j = 0; j < T / 8; ++j)
+      for (int j = 0; j < T / 8; ++j)
 #pragma unroll
-      for (int m = 0; m < kTiles; ++m) {
-        acc[m][4 * j + 0] = silu(acc[m][4 * j + 0]) * acc[m][4 * j + 2];
-        acc[m][4 * j + 1] = silu(acc[m][4 * j + 1]) * acc[m][4 * j + 3];
-      }
-    if (!kHalves && b.split > 1) {
-      // The owners publish their pairs' SwiGLU outputs (fp32, 512 T bytes for the slice) and
-      // every CTA copies the pairs it does not own, so each holds all 128 intermediates and
-      // takes the amax and writes the FP8 tile by itself. Two exchanges per sub-tile; with
-      // the amax and the FP8 tile traded separately it was three (~1 µs each at M=1). A peer
-      // rewrites its partial sums only after the exchange below and its SwiGLU outputs only
-      // after the next sub-tile's first one; every CTA reaches each after its reads.
-#pragma unroll
-      for (int m = 0; m < kTiles; ++m)
-#pragma unroll
-        for (int j = 0; j < T / 8; ++j) {
-          h_mine[h_slot(m, j)] = make_float2(acc[m][4 * j + 0], acc[m][4 * j + 1]);
+        for (int m = 0; m < kTiles; ++m) {
+          acc[m][4 * j + 0] = silu(acc[m][4 * j + 0]) * acc[m][4 * j + 2];
+          acc[m][4 * j + 1] = silu(acc[m][4 * j + 1]) * acc[m][4 * j + 3];
         }
-      xc.sync(ctid, kConsumerThreads);
+      if (!kHalves && b.split > 1) {
+        // The owners publish their pairs' SwiGLU outputs (fp32, 512 T bytes for the slice) and
+        // every CTA copies the pairs it does not own, so each holds all 128 intermediates and
+        // takes the amax and writes the FP8 tile by itself. Two exchanges per sub-tile; with
+        // the amax and the FP8 tile traded separately it was three (~1 µs each at M=1). A peer
+        // rewrites its partial sums only after the exchange below and its SwiGLU outputs only
+        // after the next sub-tile's first one; every CTA reaches each after its reads.
 #pragma unroll
-      for (int m = 0; m < kTiles; ++m) {
-        const int owner = group_of(m) % b.split;
-        if (owner != b.rank) {
+        for (int m = 0; m < kTiles; ++m)
 #pragma unroll
           for (int j = 0; j < T / 8; ++j) {
-            const float2 h = ptx::ld_cluster_f32x2(ptx::cluster_addr(&h_mine[h_slot(m, j)], owner));
-            acc[m][4 * j + 0] = h.x;
-            acc[m][4 * j + 1] = h.y;
+            h_mine[h_slot(m, j)] = make_float2(acc[m][4 * j + 0], acc[m][4 * j + 1]);
+          }
+        xc.sync(ctid, kConsumerThreads);
+#pragma unroll
+        for (int m = 0; m < kTiles; ++m) {
+          const int owner = group_of(m) % b.split;
+          if (owner != b.rank) {
+#pragma unroll
+            for (int j = 0; j < T / 8; ++j) {
+              const float2 h = ptx::ld_cluster_f32x2(ptx::cluster_addr(&h_mine[h_slot(m, j)], owner));
+              acc[m][4 * j + 0] = h.x;
+              acc[m][4 * j + 1] = h.y;
+            }
           }
         }
       }
-    }
-    // The per-token amax over the slice's 128 intermediates.
+      // The per-token amax over the slice's 128 intermediates.
 #pragma unroll
-    for (int j = 0; j < T / 8; ++j) {
-      float m0 = 0.0f, m1 = 0.0f;
-#pragma unroll
-      for (int m = 0; m < kTiles; ++m) {
-        m0 = fmaxf(m0, fabsf(acc[m][4 * j + 0]));
-        m1 = fmaxf(m1, fabsf(acc[m][4 * j + 1]));
-      }
-#pragma unroll
-      for (int off = 4; off < 32; off <<= 1) {
-        m0 = fmaxf(m0, __shfl_xor_sync(0xffffffffu, m0, off));
-        m1 = fmaxf(m1, __shfl_xor_sync(0xffffffffu, m1, off));
-      }
-      if (row_in_warp == 0) {
-        // Non-negative floats order like their bit patterns.
-        atomicMax(&amax_cur[j * 8 + quad * 2], __float_as_uint(m0));
-        atomicMax(&amax_cur[j * 8 + quad * 2 + 1], __float_as_uint(m1));
-      }
-    }
-    ptx::named_barrier_sync(sync_id, kSyncThreads);
-
-    // ---- re-quantise per token over the slice's 128 intermediates; write the B tile ----
-    float col_factor[T / 8][2];  // topk weight * scaling factor * activation scale
-#pragma unroll
-    for (int j = 0; j < T / 8; ++j) {
-#pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        const int col = j * 8 + quad * 2 + h;
-        const float scale = fmaxf(__uint_as_float(amax_cur[col]), 1e-10f) / kFp8Max;
-        const bool live = tw + col < tcount;
-        col_factor[j][h] = live ? b.tok_weight[t0 + tw + col] * scale : 0.0f;
+      for (int j = 0; j < T / 8; ++j) {
+        float m0 = 0.0f, m1 = 0.0f;
 #pragma unroll
         for (int m = 0; m < kTiles; ++m) {
-          // Intermediate index of this fragment row within the slice: 16-row groups hold
-          // 8 gate + 8 up rows, so group g holds intermediates 8g .. 8g + 7.
-          const int inter = ((wg_row0 + m * 64 + warp * 16) / 16) * 8 + row_in_warp;
-          const __nv_fp8_e4m3 q(acc[m][4 * j + h] / scale);
-          act[sw128_offset(tw + col, inter)] = q.__x;
+          m0 = fmaxf(m0, fabsf(acc[m][4 * j + 0]));
+          m1 = fmaxf(m1, fabsf(acc[m][4 * j + 1]));
+        }
+#pragma unroll
+        for (int off = 4; off < 32; off <<= 1) {
+          m0 = fmaxf(m0, __shfl_xor_sync(0xffffffffu, m0, off));
+          m1 = fmaxf(m1, __shfl_xor_sync(0xffffffffu, m1, off));
+        }
+        if (row_in_warp == 0) {
+          // Non-negative floats order like their bit patterns.
+          atomicMax(&amax_cur[j * 8 + quad * 2], __float_as_uint(m0));
+          atomicMax(&amax_cur[j * 8 + quad * 2 + 1], __float_as_uint(m1));
         }
       }
+      ptx::named_barrier_sync(sync_id, kSyncThreads);
+
+      // ---- re-quantise per token over the slice's 128 intermediates; write the B tile ----
+#pragma unroll
+      for (int j = 0; j < T / 8; ++j) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const int col = j * 8 + quad * 2 + h;
+          const float scale = fmaxf(__uint_as_float(amax_cur[col]), 1e-10f) / kFp8Max;
+          const bool live = tw + col < tcount;
+          if constexpr (kAllSlices) {
+            if (warp == 0 && row_in_warp == 0) act_scale[s * S + tw + col] = scale;
+          } else {
+            col_factor[j][h] = live ? b.tok_weight[t0 + tw + col] * scale : 0.0f;
+          }
+#pragma unroll
+          for (int m = 0; m < kTiles; ++m) {
+            // Intermediate index of this fragment row within the slice: 16-row groups hold
+            // 8 gate + 8 up rows, so group g holds intermediates 8g .. 8g + 7.
+            const int inter = ((wg_row0 + m * 64 + warp * 16) / 16) * 8 + row_in_warp;
+            const __nv_fp8_e4m3 q(acc[m][4 * j + h] / scale);
+            act_s[sw128_offset(tw + col, inter)] = q.__x;
+          }
+        }
+      }
+      if (stid < T) amax[((pass + 1) & 1) * S + tw + stid] = 0;  // the other buffer is free now
+      ptx::fence_proxy_async_smem();
+      ptx::named_barrier_sync(sync_id, kSyncThreads);
     }
-    if (stid < T) amax[((sub + 1) & 1) * S + tw + stid] = 0;  // the other buffer is free now
-    ptx::fence_proxy_async_smem();
-    ptx::named_barrier_sync(sync_id, kSyncThreads);
 
     // ---- down projection and weighted accumulation into out ----
     // The consumers stage the tile's bf16 results as one 256-column row per token, so that a
@@ -585,81 +629,148 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
     const uint32_t staging_lane =
         ptx::smem_addr(staging) + (tw + 8 * ((lane >> 4) & 1) + (lane & 7)) * L::kStagingStride +
         (wg_row0 + warp * 16 + 8 * ((lane >> 3) & 1)) * 2;
-    for (int dt = b.dt_begin; dt < b.dt_end; ++dt) {
-      ptx::mbar_wait(&ring.full[ring.stage], ring.phase);
-      const uint8_t* st = ring.current();
+    // Each 8x8 block of a tile's fragment (8 output columns k of the tile, 8 tokens) is stored
+    // transposed by stmatrix, so the staging row of a token gets its 8 columns as 16
+    // contiguous bytes; two token groups per instruction where T / 8 is even. Element 4j + 2h
+    // + c of y belongs to token column j * 8 + quad * 2 + c, scaled by tile_factor * factor[j][c].
+    auto stage_tile = [&](int m, const float(&y)[kRegs], const float(&factor)[T / 8][2],
+                          float tile_factor) {
+#pragma unroll
+      for (int j = 0; j < T / 8; j += kTokenGroupsPerStore) {
+        uint32_t packed[2 * kTokenGroupsPerStore];
+#pragma unroll
+        for (int jj = 0; jj < kTokenGroupsPerStore; ++jj) {
+          const float f0 = tile_factor * factor[j + jj][0];
+          const float f1 = tile_factor * factor[j + jj][1];
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {  // fragment rows row_in_warp, + 8
+            const __nv_bfloat162 v = __floats2bfloat162_rn(y[4 * (j + jj) + 2 * half] * f0,
+                                                           y[4 * (j + jj) + 2 * half + 1] * f1);
+            packed[2 * jj + half] = *reinterpret_cast<const uint32_t*>(&v);
+          }
+        }
+        const uint32_t addr = staging_lane + (m * 64) * 2 + j * 8 * L::kStagingStride;
+        if constexpr (kTokenGroupsPerStore == 2) {
+          ptx::stmatrix_trans_x4(addr, packed[0], packed[1], packed[2], packed[3]);
+        } else {
+          ptx::stmatrix_trans_x2(addr, packed[0], packed[1]);
+        }
+      }
+    };
+    // Each staged token row (512 bytes) is added into out by one warp instruction: lane l adds
+    // bf16 columns 8l .. 8l + 7 with a 16-byte vector reduction through the load/store path.
+    // Bulk reductions went through the TMA unit, one request per row, next to the weight
+    // tiles; these were 3-9 % faster at M >= 512 (bench/NOTES.md, item 33).
+    auto add_rows = [&](int dt) {
+      constexpr int kWarps = kSyncThreads / 32;
+      const int k_first = dt * kSliceRows;
+      const int columns = min(kSliceRows, p.K - k_first);  // 128 when K % 256 == 128
+      const int t_end = kHalves ? min(tw + T, tcount) : tcount;
+      for (int t = tw + stid / 32; t < t_end; t += kWarps) {
+        const int row = b.tok_row[t0 + t];
+        if (row >= 0 && lane * 8 < columns) {
+          const uint4 v =
+              *reinterpret_cast<const uint4*>(staging + t * L::kStagingStride + lane * 16);
+          ptx::red_add_bf16x8(p.out + size_t(row) * p.K + k_first + lane * 8, v, out_policy);
+        }
+      }
+    };
+    // Reads of a down stage: w2 tile rows 64m .. 64m + 63 of this warpgroup against the
+    // activation tile `a`, four k32 steps into part[m % kDepth].
+    auto issue_down = [&](const uint8_t* st, const uint8_t* a, int m) {
+      ptx::wgmma_fence();
+#pragma unroll
+      for (int ks = 0; ks < 4; ++ks) {
+        WgmmaFp8<T>::mma(part[m % kDepth],
+                         ptx::sw128_desc(st + (wg_row0 + m * 64) * kKBlock + ks * 32),
+                         ptx::sw128_desc(a + tw * kKBlock + ks * 32), ks);
+      }
+      ptx::wgmma_commit();
+    };
+    auto tile_scales = [&](const uint8_t* st, float(&tile_scale)[kTiles]) {
       const float* w2s = reinterpret_cast<const float*>(st + L::kScaleOffset) + S;
-      float tile_scale[kTiles];
 #pragma unroll
       for (int m = 0; m < kTiles; ++m) tile_scale[m] = w2s[(wg_row0 + m * 64) / 128];
-      auto issue = [&](int m) {  // tile m's four k32 steps accumulate in part[m % kDepth]
-        ptx::wgmma_fence();
-#pragma unroll
-        for (int ks = 0; ks < 4; ++ks) {
-          WgmmaFp8<T>::mma(part[m % kDepth],
-                           ptx::sw128_desc(st + (wg_row0 + m * 64) * kKBlock + ks * 32),
-                           ptx::sw128_desc(act + tw * kKBlock + ks * 32), ks);
-        }
-        ptx::wgmma_commit();
-      };
-#pragma unroll
-      for (int m = 0; m < kDownDepth - 1; ++m) issue(m);
-      // Every thread has read the last tile's rows out of the staging tile (its reductions
-      // took them from registers), checked while this tile's first wgmmas run.
-      ptx::named_barrier_sync(sync_id, kSyncThreads);
-#pragma unroll
-      for (int m = 0; m < kTiles; ++m) {
-        if (m + kDownDepth - 1 < kTiles) issue(m + kDownDepth - 1);
-        ptx::wgmma_wait_at_most(std::min(kDownDepth - 1, kTiles - 1 - m));  // tile m is done
-        if (m == kTiles - 1) ptx::mbar_arrive(&ring.empty[ring.stage]);  // every read is done
-        ptx::fence_operands(part[m % kDepth]);
-        const float(&y)[kRegs] = part[m % kDepth];
+    };
 
-        // Each 8x8 block of the fragment (8 output columns k of the tile, 8 tokens) is
-        // stored transposed by stmatrix, so the staging row of a token gets its 8 columns
-        // as 16 contiguous bytes; two token groups per instruction where T / 8 is even.
+    if constexpr (kAllSlices) {
+      // All-slices units: each down tile sums the slices' products in fp32 (in acc, free since
+      // the last requantisation) and adds the sum into out once, where one CTA per slice adds
+      // each slice's share (bench/NOTES.md, item 47).
+      for (int dt = b.dt_begin; dt < b.dt_end; ++dt) {
 #pragma unroll
-        for (int j = 0; j < T / 8; j += kTokenGroupsPerStore) {
-          uint32_t packed[2 * kTokenGroupsPerStore];
+        for (int m = 0; m < kTiles; ++m)
 #pragma unroll
-          for (int jj = 0; jj < kTokenGroupsPerStore; ++jj) {
-            const float f0 = tile_scale[m] * col_factor[j + jj][0];
-            const float f1 = tile_scale[m] * col_factor[j + jj][1];
+          for (int r = 0; r < kRegs; ++r) acc[m][r] = 0.0f;
+        for (int s = 0; s < b.slices; ++s) {
+          ptx::mbar_wait(&ring.full[ring.stage], ring.phase);
+          const uint8_t* st = ring.current();
+          const uint8_t* act_s = act + s * L::kTokenTileBytes;
+          float tile_scale[kTiles];
+          tile_scales(st, tile_scale);
+          float as[T / 8][2];  // this slice's activation scale of each column
 #pragma unroll
-            for (int half = 0; half < 2; ++half) {  // fragment rows row_in_warp, + 8
-              const __nv_bfloat162 v = __floats2bfloat162_rn(y[4 * (j + jj) + 2 * half] * f0,
-                                                             y[4 * (j + jj) + 2 * half + 1] * f1);
-              packed[2 * jj + half] = *reinterpret_cast<const uint32_t*>(&v);
-            }
+          for (int j = 0; j < T / 8; ++j)
+#pragma unroll
+            for (int c = 0; c < 2; ++c) as[j][c] = act_scale[s * S + tw + j * 8 + quad * 2 + c];
+#pragma unroll
+          for (int m = 0; m < kDownDepth - 1; ++m) issue_down(st, act_s, m);
+#pragma unroll
+          for (int m = 0; m < kTiles; ++m) {
+            if (m + kDownDepth - 1 < kTiles) issue_down(st, act_s, m + kDownDepth - 1);
+            ptx::wgmma_wait_at_most(std::min(kDownDepth - 1, kTiles - 1 - m));  // tile m done
+            if (m == kTiles - 1) ptx::mbar_arrive(&ring.empty[ring.stage]);  // reads done
+            ptx::fence_operands(part[m % kDepth]);
+            const float(&y)[kRegs] = part[m % kDepth];
+#pragma unroll
+            for (int j = 0; j < T / 8; ++j)
+#pragma unroll
+              for (int e = 0; e < 4; ++e) {
+                acc[m][4 * j + e] += y[4 * j + e] * (tile_scale[m] * as[j][e % 2]);
+              }
           }
-          const uint32_t addr = staging_lane + (m * 64) * 2 + j * 8 * L::kStagingStride;
-          if constexpr (kTokenGroupsPerStore == 2) {
-            ptx::stmatrix_trans_x4(addr, packed[0], packed[1], packed[2], packed[3]);
-          } else {
-            ptx::stmatrix_trans_x2(addr, packed[0], packed[1]);
-          }
+          ring.advance();
         }
-      }
-      ptx::named_barrier_sync(sync_id, kSyncThreads);
-      // Each staged token row (512 bytes) is added into out by one warp instruction: lane l
-      // adds bf16 columns 8l .. 8l + 7 with a 16-byte vector reduction through the load/store
-      // path. Bulk reductions went through the TMA unit, one request per row, next to the
-      // weight tiles; these were 3-9 % faster at M >= 512 (bench/NOTES.md, item 33).
-      {
-        constexpr int kWarps = kSyncThreads / 32;
-        const int k_first = dt * kSliceRows;
-        const int columns = min(kSliceRows, p.K - k_first);  // 128 when K % 256 == 128
-        const int t_end = kHalves ? min(tw + T, tcount) : tcount;
-        for (int t = tw + stid / 32; t < t_end; t += kWarps) {
-          const int row = b.tok_row[t0 + t];
-          if (row >= 0 && lane * 8 < columns) {
-            const uint4 v =
-                *reinterpret_cast<const uint4*>(staging + t * L::kStagingStride + lane * 16);
-            ptx::red_add_bf16x8(p.out + size_t(row) * p.K + k_first + lane * 8, v, out_policy);
+        // Every thread has read the last tile's rows out of the staging tile.
+        ptx::named_barrier_sync(sync_id, kSyncThreads);
+        // topk weight * scaling factor of each column, 0 past the block (read here, not held
+        // across the loop: registers)
+        float tok_w[T / 8][2];
+#pragma unroll
+        for (int j = 0; j < T / 8; ++j)
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            const int col = j * 8 + quad * 2 + c;
+            tok_w[j][c] = tw + col < tcount ? b.tok_weight[t0 + tw + col] : 0.0f;
           }
-        }
+#pragma unroll
+        for (int m = 0; m < kTiles; ++m) stage_tile(m, acc[m], tok_w, 1.0f);
+        ptx::named_barrier_sync(sync_id, kSyncThreads);
+        add_rows(dt);
       }
-      ring.advance();
+    } else {
+      for (int dt = b.dt_begin; dt < b.dt_end; ++dt) {
+        ptx::mbar_wait(&ring.full[ring.stage], ring.phase);
+        const uint8_t* st = ring.current();
+        float tile_scale[kTiles];
+        tile_scales(st, tile_scale);
+#pragma unroll
+        for (int m = 0; m < kDownDepth - 1; ++m) issue_down(st, act, m);
+        // Every thread has read the last tile's rows out of the staging tile (its reductions
+        // took them from registers), checked while this tile's first wgmmas run.
+        ptx::named_barrier_sync(sync_id, kSyncThreads);
+#pragma unroll
+        for (int m = 0; m < kTiles; ++m) {
+          if (m + kDownDepth - 1 < kTiles) issue_down(st, act, m + kDownDepth - 1);
+          ptx::wgmma_wait_at_most(std::min(kDownDepth - 1, kTiles - 1 - m));  // tile m is done
+          if (m == kTiles - 1) ptx::mbar_arrive(&ring.empty[ring.stage]);  // every read is done
+          ptx::fence_operands(part[m % kDepth]);
+          stage_tile(m, part[m % kDepth], col_factor, tile_scale[m]);
+        }
+        ptx::named_barrier_sync(sync_id, kSyncThreads);
+        add_rows(dt);
+        ring.advance();
+      }
     }
   }
   // No CTA leaves while a peer may still read its shared memory or arrive on its barriers.
@@ -684,7 +795,7 @@ struct WeightMaps {
 // A block with at least this many tokens is a full one (WeightMaps, BlockInfo::streamed).
 constexpr int kFullBlockTokens = 16;
 
-template <int T, int WGS, bool kHalves>
+template <int T, int WGS, bool kHalves, bool kAllSlices>
 __global__ void __launch_bounds__((WGS + 1) * 128, 1)
     fused_moe_kernel(const __grid_constant__ WeightMaps weights, const FusedMoeParams p) {
   constexpr int S = kHalves ? WGS * T : T;  // tokens per sub-tile (see consume)
@@ -692,9 +803,11 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
   // Slices of one token block are neighbours in launch order: they run at the same time, so
   // their halves of each w2 row (N/2 > 128) are read from DRAM together. The `split` CTAs of
   // a unit are one cluster, so they return here together.
+  // All-slices units (kAllSlices) cover every slice of their token block.
   const int slices = p.N / kSliceRows;
+  const int unit_slices = kAllSlices ? 1 : slices;
   const int unit = blockIdx.x / p.split;
-  const int block = unit / slices;
+  const int block = unit / unit_slices;
   const int tid = threadIdx.x;
   // The tensor maps' descriptors are fetched while the routing loads are in flight, not on
   // the first TMA after them.
@@ -728,12 +841,15 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
   extern __shared__ uint8_t smem_raw[];
   // Swizzled tiles need 1024-byte alignment; dynamic shared memory only promises 16.
   uint8_t* smem = smem_raw + ((1024 - ptx::smem_addr(smem_raw) % 1024) % 1024);
-  uint8_t* act = smem + p.stages * L::kStageBytes;  // FP8 intermediate, T x 128, swizzled
-  uint8_t* staging = act + L::kTokenTileBytes;  // [T][kStagingStride] bf16 rows
+  const int act_tiles = kAllSlices ? slices : 1;
+  uint8_t* act = smem + p.stages * L::kStageBytes;  // FP8 intermediate, [act_tiles][T x 128]
+  uint8_t* staging = act + act_tiles * L::kTokenTileBytes;  // [T][kStagingStride] bf16 rows
   float* partial = reinterpret_cast<float*>(staging + L::kStagingBytes);  // split > 1
   uint32_t* amax = reinterpret_cast<uint32_t*>(reinterpret_cast<uint8_t*>(partial) +
                                                (p.split > 1 ? L::kPartialBytes : 0));  // [2][S]
-  int32_t* tok_row = reinterpret_cast<int32_t*>(amax + 2 * S);             // [block_m]
+  float* act_scale = reinterpret_cast<float*>(amax + 2 * S);  // [act_tiles][S] if act_tiles > 1
+  int32_t* tok_row = reinterpret_cast<int32_t*>(reinterpret_cast<uint8_t*>(act_scale) +
+                                                L::act_scale_bytes(act_tiles));  // [block_m]
   float* tok_weight = reinterpret_cast<float*>(tok_row + p.block_m);        // [block_m]
   uint64_t* full = reinterpret_cast<uint64_t*>(tok_weight + p.block_m);
   uint64_t* empty = full + p.stages;
@@ -743,9 +859,10 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
   const int down_tiles = (p.K + kSliceRows - 1) / kSliceRows;
   const int rank = p.split > 1 ? int(ptx::cluster_ctarank()) : 0;
   const BlockInfo info{expert,
-                       unit % slices,
+                       kAllSlices ? 0 : unit % slices,
                        kblocks,
                        (p.block_m + S - 1) / S,
+                       kAllSlices ? slices : 1,
                        rank * kblocks / p.split,
                        (rank + 1) * kblocks / p.split,
                        rank * down_tiles / p.split,
@@ -766,7 +883,7 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
     ptx::mbar_init(&exchange[0], p.split);
     ptx::mbar_init(&exchange[1], p.split);
     ptx::fence_barrier_init();
-    issue_first_pass(info, p.tiled != 0, ring);  // while the token rows load
+    issue_first_pass<kAllSlices>(info, p.tiled != 0, ring);  // while the token rows load
   }
   if (tid < p.block_m) {  // block_m <= 128 <= blockDim.x
     tok_row[tid] = valid ? slot / p.top_k : -1;
@@ -784,10 +901,10 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
   // the branches made ptxas spill).
   if (tid < 128) {
     if constexpr (WGS > 1) ptx::setmaxnreg_dec<56>();
-    produce<S>(p, info, ring, tid);
+    produce<S, kAllSlices>(p, info, ring, tid);
   } else {
     if constexpr (WGS > 1) ptx::setmaxnreg_inc<224>();
-    consume<T, WGS, kHalves>(p, info, ring, act, staging, partial, amax,
+    consume<T, WGS, kHalves, kAllSlices>(p, info, ring, act, staging, partial, amax, act_scale,
                     ClusterExchange{exchange, p.split}, tid - 128);
   }
 }

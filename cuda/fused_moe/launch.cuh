@@ -23,24 +23,27 @@ struct FusedMoeLaunch {
 struct FusedMoeVariant {
   int tokens;
   int consumer_wgs;
-  int (*smem_bytes)(int stages, int block_m, int split);
+  bool all_slices;  // one CTA per token block covers every N slice
+  // Shared memory of a config; `slices` = N / 256.
+  int (*smem_bytes)(int stages, int block_m, int split, int slices);
   int (*launch)(const FusedMoeLaunch& l, int smem_bytes);
   // How many clusters of `split` CTAs of `smem_bytes` each the device can run at once.
   int (*max_clusters)(int smem_bytes, int split, int* count);
 };
 
-template <int T, int WGS, bool kHalves>
-int fused_moe_smem_bytes(int stages, int block_m, int split) {
-  return SmemLayout<kHalves ? WGS * T : T, WGS>::total_bytes(stages, block_m, split);
+template <int T, int WGS, bool kHalves, bool kAllSlices>
+int fused_moe_smem_bytes(int stages, int block_m, int split, int slices) {
+  return SmemLayout<kHalves ? WGS * T : T, WGS>::total_bytes(stages, block_m, split,
+                                                            kAllSlices ? slices : 1);
 }
 
 // Raising the dynamic shared-memory limit is per function and per device; do it once per
 // device at the largest size any config can ask for rather than on every call.
-template <int T, int WGS, bool kHalves>
+template <int T, int WGS, bool kHalves, bool kAllSlices>
 int configure_kernel() {
   constexpr int kMaxDevices = 64;
   static std::atomic<bool> configured[kMaxDevices];
-  auto kernel = fused_moe_kernel<T, WGS, kHalves>;
+  auto kernel = fused_moe_kernel<T, WGS, kHalves, kAllSlices>;
   int device = 0;
   AMOE_CUDA(cudaGetDevice(&device));
   if (device >= kMaxDevices || !configured[device].load(std::memory_order_acquire)) {
@@ -73,34 +76,35 @@ struct LaunchConfig {
   LaunchConfig(const LaunchConfig&) = delete;  // config.attrs points into this object
 };
 
-template <int T, int WGS, bool kHalves>
+template <int T, int WGS, bool kHalves, bool kAllSlices>
 int fused_moe_launch(const FusedMoeLaunch& l, int smem_bytes) {
-  AMOE_TRY((configure_kernel<T, WGS, kHalves>()));
+  AMOE_TRY((configure_kernel<T, WGS, kHalves, kAllSlices>()));
   const LaunchConfig c(l.grid, (WGS + 1) * 128, smem_bytes, l.stream, l.params.split);
-  return check_cuda(cudaLaunchKernelEx(&c.config, fused_moe_kernel<T, WGS, kHalves>, l.weights,
+  return check_cuda(cudaLaunchKernelEx(&c.config, fused_moe_kernel<T, WGS, kHalves, kAllSlices>, l.weights,
                                        l.params),
                     "fused_moe_kernel launch");
 }
 
-template <int T, int WGS, bool kHalves>
+template <int T, int WGS, bool kHalves, bool kAllSlices>
 int fused_moe_max_clusters(int smem_bytes, int split, int* count) {
-  AMOE_TRY((configure_kernel<T, WGS, kHalves>()));
+  AMOE_TRY((configure_kernel<T, WGS, kHalves, kAllSlices>()));
   const LaunchConfig c(dim3(split), (WGS + 1) * 128, smem_bytes, nullptr, split);
   return check_cuda(
-      cudaOccupancyMaxActiveClusters(count, fused_moe_kernel<T, WGS, kHalves>, &c.config),
+      cudaOccupancyMaxActiveClusters(count, fused_moe_kernel<T, WGS, kHalves, kAllSlices>, &c.config),
       "cudaOccupancyMaxActiveClusters");
 }
 
-#define AMOE_FUSED_MOE_VARIANT(T, WGS)                                                     \
-  FusedMoeVariant {                                                                        \
-    T, WGS, fused_moe_smem_bytes<T, WGS, false>, fused_moe_launch<T, WGS, false>,          \
-        fused_moe_max_clusters<T, WGS, false>                                              \
+#define AMOE_FUSED_MOE_VARIANT(T, WGS)                                                      \
+  FusedMoeVariant {                                                                         \
+    T, WGS, false, fused_moe_smem_bytes<T, WGS, false, false>,                              \
+        fused_moe_launch<T, WGS, false, false>, fused_moe_max_clusters<T, WGS, false, false> \
   }
-// T tokens per consumer warpgroup, each on its own tokens against all 256 rows (kHalves).
-#define AMOE_FUSED_MOE_HALVES_VARIANT(T, WGS)                                              \
-  FusedMoeVariant {                                                                        \
-    (T) * (WGS), WGS, fused_moe_smem_bytes<T, WGS, true>, fused_moe_launch<T, WGS, true>,  \
-        fused_moe_max_clusters<T, WGS, true>                                               \
+// T tokens per consumer warpgroup, each on its own tokens against all 256 rows (kHalves);
+// ALL: one CTA per token block for every N slice.
+#define AMOE_FUSED_MOE_HALVES_VARIANT(T, WGS, ALL)                                           \
+  FusedMoeVariant {                                                                         \
+    (T) * (WGS), WGS, ALL, fused_moe_smem_bytes<T, WGS, true, ALL>,                         \
+        fused_moe_launch<T, WGS, true, ALL>, fused_moe_max_clusters<T, WGS, true, ALL>       \
   }
 
 // Defined in fused_moe_wg1.cu / fused_moe_wg2.cu (split so they compile in parallel).
@@ -108,7 +112,9 @@ extern const FusedMoeVariant kVariantsWg1[];
 extern const int kVariantsWg1Count;
 extern const FusedMoeVariant kVariantsWg2[];
 extern const int kVariantsWg2Count;
-// Two consumer warpgroups, each on its own half of a sub-tile of 80 tokens (blocks of 72, 80).
+// Two consumer warpgroups, each on its own half of a sub-tile of 80 tokens (blocks of 72, 80);
+// the second for N > 256, one CTA per token block for all slices.
 extern const FusedMoeVariant kVariantHalves;
+extern const FusedMoeVariant kVariantHalvesAllSlices;
 
 }  // namespace amoe

@@ -21,6 +21,9 @@
 // Warp roles. Warpgroup 0 is the producer: its four warps stream every operand (weight tiles
 // by TMA, token rows and scales by cp.async) into a ring of `stages` shared-memory buffers.
 // Warpgroups 1..WGS are consumers; each owns 256/WGS of the 256 weight rows of every stage.
+// All-slices units (kAllSlices, with token halves; the `all_slices` config field): one CTA per
+// token block covers every N slice in turn (up tiles of slice 0, 1, ..., then each down tile's
+// slice parts), sums the slices' down products in fp32 and adds each output row once.
 // Token halves (kHalves, blocks of 72-80 tokens): each consumer warpgroup owns all 256 rows
 // for its own T tokens of a 2T-token sub-tile instead, so a weight tile serves 2T tokens where
 // two sub-tiles of T would read it twice; the warpgroups then synchronise only with
@@ -421,11 +424,11 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
     // All-slices units (kAllSlices, one sub-tile) run the up projection of each slice in turn,
     // each into its own activation tile.
     float col_factor[T / 8][2];  // topk weight * scaling factor * activation scale
-    for (int s = 0; s < (kAllSlices ? b.slices : 1); ++s) {
+    for (int si = 0; si < (kAllSlices ? b.slices : 1); ++si) {
       // The amax buffers alternate per pass (sub-tile, or slice of an all-slices unit).
-      const int pass = kAllSlices ? s : sub;
+      const int pass = kAllSlices ? si : sub;
       uint32_t* amax_cur = amax + (pass & 1) * S + tw;
-      uint8_t* act_s = act + s * L::kTokenTileBytes;  // this slice's FP8 activation tile
+      uint8_t* act_s = act + si * L::kTokenTileBytes;  // this slice's FP8 activation tile
 
       // ---- up projection: acc = sum_kb (w_kb . x_kb^T) * w_scale * x_scale ----
 #pragma unroll
@@ -601,7 +604,7 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
           const float scale = fmaxf(__uint_as_float(amax_cur[col]), 1e-10f) / kFp8Max;
           const bool live = tw + col < tcount;
           if constexpr (kAllSlices) {
-            if (warp == 0 && row_in_warp == 0) act_scale[s * S + tw + col] = scale;
+            if (warp == 0 && row_in_warp == 0) act_scale[si * S + tw + col] = scale;
           } else {
             col_factor[j][h] = live ? b.tok_weight[t0 + tw + col] * scale : 0.0f;
           }
@@ -702,17 +705,17 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
         for (int m = 0; m < kTiles; ++m)
 #pragma unroll
           for (int r = 0; r < kRegs; ++r) acc[m][r] = 0.0f;
-        for (int s = 0; s < b.slices; ++s) {
+        for (int si = 0; si < b.slices; ++si) {
           ptx::mbar_wait(&ring.full[ring.stage], ring.phase);
           const uint8_t* st = ring.current();
-          const uint8_t* act_s = act + s * L::kTokenTileBytes;
+          const uint8_t* act_s = act + si * L::kTokenTileBytes;
           float tile_scale[kTiles];
           tile_scales(st, tile_scale);
           float as[T / 8][2];  // this slice's activation scale of each column
 #pragma unroll
           for (int j = 0; j < T / 8; ++j)
 #pragma unroll
-            for (int c = 0; c < 2; ++c) as[j][c] = act_scale[s * S + tw + j * 8 + quad * 2 + c];
+            for (int c = 0; c < 2; ++c) as[j][c] = act_scale[si * S + tw + j * 8 + quad * 2 + c];
 #pragma unroll
           for (int m = 0; m < kDownDepth - 1; ++m) issue_down(st, act_s, m);
 #pragma unroll

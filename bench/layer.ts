@@ -27,6 +27,7 @@ import { type ForwardPath, MoeLayer, timeForward } from "../src/layer.ts";
 import { prologueFits } from "../src/routing.ts";
 import { fillRandomFp8, randomLogUniform, randomNormal, Rng } from "../src/random.ts";
 import { Timer } from "../src/timing.ts";
+import { configKey } from "../src/tune.ts";
 import { benchPreamble } from "./_cli.ts";
 
 const HELP = `Usage: deno task bench:layer [options]
@@ -115,7 +116,7 @@ function main(): number {
       const paced = timeForward(layer, hidden, logits, { iterations, pace: "host", path });
       console.log(
         `\nM=${M}, ${path} path${path === auto ? " (the layer's choice)" : ""}, config ` +
-          `${config.blockM}/${config.blockN}/${config.warpN}/${config.stages}, median of ` +
+          `${configKey(config)}, median of ` +
           `${iterations} (us):`,
       );
       console.log(`  ${"step".padEnd(24)}${"device".padStart(12)}${"host-paced".padStart(12)}`);

@@ -10,13 +10,14 @@
  * @module
  */
 import { parseArgs } from "node:util";
-import { allSlicesAllowed, type KernelConfig } from "../src/config.ts";
+import type { KernelConfig } from "../src/config.ts";
 import { deviceInfo } from "../src/device.ts";
 import { checkKernelConfig } from "../src/fused_moe.ts";
 import { DeviceMoeProblem } from "../src/problem.ts";
 import { type L2Flush, memoryFloorBytes, Timer } from "../src/timing.ts";
 import {
   configKey,
+  configVariants,
   MODEL_SHAPES,
   tokensPerExpert,
   unitsOfWork,
@@ -56,15 +57,7 @@ function candidates(
       for (const stages of stageList) {
         for (const split of splits) {
           if (!worthSplitting(split, units(blockM), smCount)) continue;
-          const c: KernelConfig = {
-            blockM,
-            blockN,
-            warpN,
-            stages,
-            ...(split > 1 ? { split } : {}),
-          };
-          out.push(c);
-          if (slices > 1 && allSlicesAllowed(c)) out.push({ ...c, allSlices: true });
+          out.push(...configVariants({ blockM, blockN, warpN, stages, split }, slices > 1));
         }
       }
     }

@@ -227,21 +227,22 @@ export function searchSpace(): KernelConfig[] {
     for (const [blockN, warpN] of VALID_BLOCK_N_WARP_N) {
       for (const stages of TUNE_STAGES) {
         for (const split of TUNE_SPLITS) {
-          // Canonical form: no split field for 1, as in the seed's tables.
-          const c: KernelConfig = {
-            blockM,
-            blockN,
-            warpN,
-            stages,
-            ...(split > 1 ? { split } : {}),
-          };
-          out.push(c);
-          if (allSlicesAllowed(c)) out.push({ ...c, allSlices: true });
+          out.push(...configVariants({ blockM, blockN, warpN, stages, split }, true));
         }
       }
     }
   }
   return out;
+}
+
+/**
+ * `c` in canonical form (no split field for 1, as in the seed's tables), then, when `allSlices`
+ * is wanted and the block shape takes it ({@link allSlicesAllowed}), the same with allSlices.
+ */
+export function configVariants(c: KernelConfig, allSlices: boolean): KernelConfig[] {
+  const { split, ...rest } = c;
+  const base: KernelConfig = { ...rest, ...((split ?? 1) > 1 ? { split } : {}) };
+  return allSlices && allSlicesAllowed(base) ? [base, { ...base, allSlices: true }] : [base];
 }
 
 /**

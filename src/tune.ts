@@ -2,8 +2,8 @@
  * Finding the fastest kernel config per token count for a layer shape, as the seed's
  * `jit_moe.py` does, within a time budget: the library behind `deno task tune`.
  *
- * For each batch size it draws top-k ids at a given balancedness (the seed's definition, see
- * {@link balancedTopkIds}), prunes the search space (the seed's: block_m 8..128 step 8, every
+ * For each batch size it draws top-k ids at one or more balancedness values (the seed's
+ * definition, see {@link balancedTopkIds}), prunes the search space (the seed's: block_m 8..128 step 8, every
  * (block_n, warp_n) of {@link VALID_BLOCK_N_WARP_N}, stages 1..5, and our split 1..16) to what
  * the shape can use,
  * times every remaining config with CUDA events (L2 flushed before each launch, medians), and
@@ -598,8 +598,8 @@ export interface TuneMetadata {
   date: string;
   /** The layer shape. */
   shape: TuneShape;
-  /** Routing balancedness. */
-  balancedness: number;
+  /** Routing balancedness: one value, or the values whose draws the timings alternate over. */
+  balancedness: number | number[];
   /** Seed of the random problem and routing. */
   seed: number;
   /** Measured device-to-device copy bandwidth, GB/s (the memory floor's yardstick). */
@@ -629,6 +629,8 @@ export interface KeptRun {
   gitCommit?: string;
   /** Its `--budget-seconds`. */
   budgetSeconds: number;
+  /** Its routing balancedness (files older than this field: the file's own). */
+  balancedness?: number | number[];
 }
 
 /** The results file written beside a table (`X.meta.json` for `X.json`), and the resume file. */
@@ -721,19 +723,26 @@ export function updateMismatch(a: TuneMetadata, b: TuneMetadata): string | undef
   if (JSON.stringify(a.shape) !== JSON.stringify(b.shape)) {
     return `shape ${JSON.stringify(a.shape)}, not ${JSON.stringify(b.shape)}`;
   }
-  if (a.balancedness !== b.balancedness) {
-    return `balancedness ${a.balancedness}, not ${b.balancedness}`;
-  }
   return undefined;
+}
+
+/** `b` as a list of balancedness values. */
+export function balancednessList(b: number | readonly number[]): number[] {
+  return typeof b === "number" ? [b] : [...b];
+}
+
+/** "1" or "1,0.6". */
+function balancednessText(b: number | readonly number[]): string {
+  return balancednessList(b).join(",");
 }
 
 /**
  * `previous` updated by `current`: the batch sizes `current` measured take its results, the
  * others keep `previous`'s, and `metadata.kept` says which earlier run each kept batch size
- * comes from. The metadata is otherwise `current`'s. This is `deno task tune --update`: re-tune
+ * comes from (its date, commit, budget and balancedness: the two runs may route differently). The metadata is otherwise `current`'s. This is `deno task tune --update`: re-tune
  * part of a table (say, the large batch sizes after a kernel change) and keep the rest.
  *
- * @throws {Error} when the two are of another card, shape or balancedness
+ * @throws {Error} when the two are of another card or shape
  */
 export function mergeResults(
   previous: TuneResultsFile,
@@ -752,7 +761,9 @@ export function mergeResults(
   for (const run of a.kept ?? []) {
     const sizes = run.batchSizes.filter((m) => kept.has(m));
     for (const m of sizes) own.delete(m);
-    if (sizes.length > 0) runs.push({ ...run, batchSizes: sizes });
+    if (sizes.length > 0) {
+      runs.push({ balancedness: a.balancedness, ...run, batchSizes: sizes });
+    }
   }
   if (own.size > 0) {
     runs.unshift({
@@ -760,6 +771,7 @@ export function mergeResults(
       date: a.date,
       ...(a.gitCommit !== undefined ? { gitCommit: a.gitCommit } : {}),
       budgetSeconds: a.search.budgetSeconds,
+      balancedness: a.balancedness,
     });
   }
   const results = [
@@ -947,8 +959,10 @@ export interface TuneOptions {
   shape: TuneShape;
   /** Token counts. */
   batchSizes: readonly number[];
-  /** Routing balancedness (1.0 uniform). */
-  balancedness: number;
+  /** Routing balancedness (1.0 uniform). With several values, the first rounds run in turn on a
+   * draw of each (round i on value i mod n) and the last round's series alternate over them, so
+   * the config chosen is the fastest on average over those routings. */
+  balancedness: number | readonly number[];
   /** The table to write (its results file and resume file go beside it). */
   out: string;
   /** Timed launches of each finalist (default 40). */
@@ -1007,7 +1021,8 @@ const silentReporter: TuneReporter = {
 interface BatchPlan {
   M: number;
   topkIds: Int32Array;
-  /** Further draws at the same balancedness: series r of the last round runs on draw r. */
+  /** Further draws: series r of the last round runs on draw r, whose balancedness is value
+   * r mod n of the run's; earlier round i runs on draw i mod n. */
   moreTopkIds: Int32Array[];
   counts: Int32Array;
   candidates: KernelConfig[];
@@ -1021,8 +1036,10 @@ function checkResume(partial: TuneResultsFile, meta: TuneMetadata): string | und
   if (JSON.stringify(a.shape) !== JSON.stringify(s)) {
     return `its shape ${JSON.stringify(a.shape)} is not ${JSON.stringify(s)}`;
   }
-  if (a.balancedness !== meta.balancedness) {
-    return `its balancedness ${a.balancedness} is not ${meta.balancedness}`;
+  if (balancednessText(a.balancedness) !== balancednessText(meta.balancedness)) {
+    return `its balancedness ${balancednessText(a.balancedness)} is not ${
+      balancednessText(meta.balancedness)
+    }`;
   }
   if (a.gpu !== meta.gpu) return `it was measured on ${a.card}, this is ${meta.card}`;
   if (a.seed !== meta.seed) return `its seed ${a.seed} is not ${meta.seed}`;
@@ -1136,8 +1153,11 @@ async function measureBatches(ctx: BatchContext, reporter: TuneReporter): Promis
       for (const ids of plan.moreTopkIds) {
         draws.push(moreDraws.use(new DeviceMoeProblem(view(M, ids), { weightsFrom: owner })));
       }
+      const nb = balancednessList(metadata.balancedness).length;
       const measure: MeasureFn = (config, run) => {
-        const d = run.round === lastRound ? draws[run.series % draws.length] : dev;
+        const d = run.round === lastRound
+          ? draws[run.series % draws.length]
+          : draws[run.round % nb % draws.length];
         return timer.time(
           () => d.run(config, { stream: timer.stream, outIsZeroed: true }),
           { warmup: run.warmup, iterations: run.iterations },
@@ -1226,7 +1246,12 @@ export async function tuneConfigs(
   reporter: TuneReporter = silentReporter,
 ): Promise<TuneReport> {
   const started = performance.now();
-  const { shape, balancedness } = options;
+  const { shape } = options;
+  const balancedness = balancednessList(options.balancedness);
+  if (balancedness.length === 0) throw new RangeError("no balancedness given");
+  for (const b of balancedness) {
+    if (!(b >= 0 && b <= 1)) throw new RangeError(`balancedness must be in [0, 1], got ${b}`);
+  }
   const { numExperts: E, N, K, topK } = shape;
   const rounds = defaultRounds(options.iterations ?? 40);
   const budget = options.budgetSeconds ?? 420;
@@ -1248,7 +1273,7 @@ export async function tuneConfigs(
     gitCommit: options.provenance?.gitCommit,
     date: new Date().toISOString(),
     shape: { ...shape },
-    balancedness,
+    balancedness: balancedness.length === 1 ? balancedness[0] : balancedness,
     seed,
     copyBandwidthGBs: 0,
     search: {
@@ -1335,21 +1360,30 @@ export async function tuneConfigs(
   // Routing and candidates of every batch size, up front (cheap): the plan and the ETA.
   const assumedBandwidth = 3.0e12;
   const plans: BatchPlan[] = batchSizes.map((M) => {
-    const draw = (salt: number): Int32Array =>
+    // Draw r is at balancedness value r mod n (salt 0 for the first: one value gives the draws
+    // of earlier versions).
+    const draw = (r: number): Int32Array =>
       balancedTopkIds({
         M,
         numExperts: E,
         topK,
         sharedExpert: shape.sharedExpert,
-        balancedness,
-        seed: (seed * 1000003 + M * 7919 + salt) >>> 0,
+        balancedness: balancedness[r % balancedness.length],
+        seed: (seed * 1000003 + M * 7919 + 104729 * r) >>> 0,
       });
     const topkIds = draw(0);
-    // One draw per series of the last round (a single round runs on the first draw only).
-    const draws = rounds.length > 1 ? rounds[rounds.length - 1].repeats : 1;
-    const moreTopkIds = Array.from({ length: draws - 1 }, (_, j) => draw(104729 * (j + 1)));
+    // One draw per series of the last round, and at least one per balancedness value.
+    const draws = Math.max(
+      balancedness.length,
+      rounds.length > 1 ? rounds[rounds.length - 1].repeats : 1,
+    );
+    const moreTopkIds = Array.from({ length: draws - 1 }, (_, j) => draw(j + 1));
     const counts = tokensPerExpert(topkIds, E);
-    const limit = blockMLimit(Math.max(...counts));
+    // Block sizes up to what the busiest expert of any draw could use.
+    const busiest = Math.max(
+      ...[topkIds, ...moreTopkIds].map((ids) => Math.max(...tokensPerExpert(ids, E))),
+    );
+    const limit = blockMLimit(busiest);
     const candidates = runnable.filter((c) =>
       c.blockM <= limit &&
       worthSplitting(c.split ?? 1, unitsOfWork(counts, c.blockM, N), info.smCount)

@@ -43,7 +43,8 @@ Shape (the layer on one GPU):
                        (the seed's --E/--top-k count routed experts only; here both count it)
 Options:
   --batch-sizes LIST   token counts, e.g. 1,8,64 or 1-8,16 (default: the seed's 48, 1..8192)
-  --balancedness X     routing: 1.0 uniform ... 0.0 every routed slot on expert 0 (default 1.0)
+  --balancedness LIST  routing: 1.0 uniform ... 0.0 every routed slot on expert 0 (default 1.0);
+                       several (1,0.6): the config fastest on average over draws of each
   --out FILE           the table (default configs/<gpu>_E<e>_N<n>_K<k>.json of this module);
                        timings and provenance go to FILE's .meta.json, progress to FILE.partial
   --iterations N       timed launches per finalist in the last round (default 40)
@@ -200,7 +201,7 @@ export async function main(args: string[]): Promise<number> {
 
   let shape: TuneShape;
   let batchSizes: number[];
-  let balancedness: number;
+  let balancedness: number[];
   let iterations: number;
   let budgetSeconds: number;
   let seed: number;
@@ -222,9 +223,11 @@ export async function main(args: string[]): Promise<number> {
     batchSizes = values["batch-sizes"] === undefined
       ? [...SEED_BATCH_SIZES]
       : parseBatchSizes(values["batch-sizes"]);
-    balancedness = Number(values.balancedness);
-    if (!(balancedness >= 0 && balancedness <= 1)) {
-      throw new UsageError(`--balancedness must be in [0, 1], got "${values.balancedness}"`);
+    balancedness = values.balancedness.split(",").map((v) => v.trim() === "" ? NaN : Number(v));
+    if (!balancedness.every((b) => b >= 0 && b <= 1)) {
+      throw new UsageError(
+        `--balancedness must be values in [0, 1] separated by commas, got "${values.balancedness}"`,
+      );
     }
     iterations = positiveInt("iterations", values.iterations);
     budgetSeconds = positiveInt("budget-seconds", values["budget-seconds"]);

@@ -365,22 +365,30 @@ Deno.test("mergeResults: new batch sizes replace, the others are kept and say wh
   ]);
   assert.equal(second.metadata.date, "d2");
   assert.deepEqual(second.metadata.kept, [
-    { batchSizes: [1, 8, 64], date: "d1", gitCommit: "c-d1", budgetSeconds: 50 },
+    { batchSizes: [1, 8, 64], date: "d1", gitCommit: "c-d1", budgetSeconds: 50, balancedness: 1 },
   ]);
   // A third run over part of the kept sizes: each kept size still names the run it came from.
   const third = mergeResults(second, resultsFile("d3", 30, [8, 4096], 20));
   assert.deepEqual(third.metadata.kept, [
-    { batchSizes: [1024, 2048], date: "d2", gitCommit: "c-d2", budgetSeconds: 45 },
-    { batchSizes: [1, 64], date: "d1", gitCommit: "c-d1", budgetSeconds: 50 },
+    { batchSizes: [1024, 2048], date: "d2", gitCommit: "c-d2", budgetSeconds: 45, balancedness: 1 },
+    { batchSizes: [1, 64], date: "d1", gitCommit: "c-d1", budgetSeconds: 50, balancedness: 1 },
   ]);
   // Nothing kept: no `kept`.
   assert.equal(
     mergeResults(first, resultsFile("d4", 10, [1, 8, 64, 1024, 2048], 1)).metadata.kept,
     undefined,
   );
-  const other = resultsFile("d5", 10, [8], 1);
-  other.metadata.balancedness = 0.6;
-  assert.throws(() => mergeResults(first, other), /balancedness 1, not 0.6/);
+  // Another routing: the merged file is the new run's, and each kept run names its own.
+  const mixed = resultsFile("d5", 10, [1024, 2048], 1);
+  mixed.metadata.balancedness = [1, 0.6];
+  const fourth = mergeResults(first, mixed);
+  assert.deepEqual(fourth.metadata.balancedness, [1, 0.6]);
+  assert.deepEqual(fourth.metadata.kept, [
+    { batchSizes: [1, 8, 64], date: "d1", gitCommit: "c-d1", budgetSeconds: 50, balancedness: 1 },
+  ]);
+  const other = resultsFile("d6", 10, [8], 1);
+  other.metadata.gpu = "H200";
+  assert.throws(() => mergeResults(first, other), /card H100, not H200/);
 });
 
 Deno.test("summaryTable and formatDuration", () => {

@@ -135,11 +135,13 @@ export {
   BUNDLED_CONFIG_DIR,
   bundledConfig,
   type BundledConfigOptions,
+  bundledTableFile,
   configFileName,
   type ConfigShape,
   gpuShortName,
   pickConfig,
   type PickConfigOptions,
+  TABLE_STAND_INS,
 } from "./src/config.ts";
 export {
   type UnfusedDims,

@@ -411,21 +411,18 @@ export interface BundledConfigOptions {
 const ABSENT: ConfigTable = new Map();
 
 /**
- * The config for `numTokens` from the shipped table of this card and shape
- * (`configs/<gpu>_E<e>_N<n>_K<k>.json`), or undefined when there is no such file (or this
- * module is not loaded from local files). Each file is read once (see {@link clearConfigCache}).
- *
- * @throws {ConfigError} if the file exists but is not a valid table
+ * Cards whose tables stand in for another card's when that card has none of its own: Hopper
+ * parts with the H100 SXM's 132 SMs and 228 KB of shared memory per SM, so that every config of
+ * an H100 table runs on them, and the same tile shapes suit them (the H200's faster memory
+ * moves the times, not which tile shapes fit). A card's own table, once tuned, wins.
  */
-export function bundledConfig(
-  card: string | { readonly name: string },
-  shape: ConfigShape,
-  numTokens: number,
-  options: BundledConfigOptions = {},
-): KernelConfig | undefined {
-  const dir = options.dir ?? BUNDLED_CONFIG_DIR;
-  if (dir.protocol !== "file:") return undefined;
-  const url = new URL(configFileName(card, shape.numExperts, shape.N, shape.K), dir);
+export const TABLE_STAND_INS: Readonly<Record<string, string>> = Object.freeze({
+  H200: "H100",
+  H800: "H100",
+  GH200: "H100",
+});
+
+function loadTable(url: URL): ConfigTable {
   let table = tableCache.get(url.href);
   if (table === undefined) {
     try {
@@ -436,7 +433,49 @@ export function bundledConfig(
     }
     tableCache.set(url.href, table);
   }
-  return table === ABSENT ? undefined : selectConfig(table, numTokens);
+  return table;
+}
+
+/**
+ * The shipped table file that {@link bundledConfig} reads for this card and shape: the card's own
+ * (`<gpu>_E<e>_N<n>_K<k>.json`), else that of its stand-in ({@link TABLE_STAND_INS}: an H200 without
+ * its own table uses the H100's), or undefined when neither exists (or this module is not loaded
+ * from local files).
+ *
+ * @throws {ConfigError} if a file exists but is not a valid table
+ */
+export function bundledTableFile(
+  card: string | { readonly name: string },
+  shape: ConfigShape,
+  options: BundledConfigOptions = {},
+): URL | undefined {
+  const dir = options.dir ?? BUNDLED_CONFIG_DIR;
+  if (dir.protocol !== "file:") return undefined;
+  const name = configFileName(card, shape.numExperts, shape.N, shape.K);
+  const gpu = gpuShortName(typeof card === "string" ? card : card.name);
+  const standIn = TABLE_STAND_INS[gpu];
+  for (const file of [name, ...(standIn ? [standIn + name.slice(gpu.length)] : [])]) {
+    const url = new URL(file, dir);
+    if (loadTable(url) !== ABSENT) return url;
+  }
+  return undefined;
+}
+
+/**
+ * The config for `numTokens` from the shipped table of this card and shape
+ * ({@link bundledTableFile}: the card's own, else its stand-in's), or undefined when there is
+ * none. Each file is read once (see {@link clearConfigCache}).
+ *
+ * @throws {ConfigError} if a file exists but is not a valid table
+ */
+export function bundledConfig(
+  card: string | { readonly name: string },
+  shape: ConfigShape,
+  numTokens: number,
+  options: BundledConfigOptions = {},
+): KernelConfig | undefined {
+  const url = bundledTableFile(card, shape, options);
+  return url === undefined ? undefined : selectConfig(loadTable(url), numTokens);
 }
 
 /** Options of {@link pickConfig}. */

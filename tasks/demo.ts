@@ -16,7 +16,7 @@
  */
 import { relative } from "node:path";
 import { parseArgs } from "node:util";
-import { bundledConfig, configFileName, configFromEnv } from "../src/config.ts";
+import { bundledTableFile, configFromEnv } from "../src/config.ts";
 import { type DeviceInfo, probeHopperGpu } from "../src/device.ts";
 import { DeviceBuffer } from "../src/buffer.ts";
 import { decodeBf16, encodeBf16 } from "../src/codecs.ts";
@@ -287,10 +287,11 @@ async function runOnGpu(
   const c = `block_m=${config.blockM} block_n=${config.blockN} warp_n=${config.warpN} ` +
     `stages=${config.stages}`;
   const shapeKey = { numExperts: layer.numExperts, N: layer.N, K };
+  const table = bundledTableFile(info, shapeKey);
   const source = configFromEnv(M)
     ? "ALPHA_MOE_CONFIG"
-    : bundledConfig(info, shapeKey, M)
-    ? `configs/${configFileName(info, layer.numExperts, layer.N, K)}`
+    : table
+    ? `configs/${table.pathname.slice(table.pathname.lastIndexOf("/") + 1)}`
     : "built-in default";
   console.log(`tokens: M=${M}; kernel config ${c} (${source})`);
 

@@ -6,6 +6,7 @@ import { CudaFatalError, UnsupportedError } from "../ffi/errors.ts";
 import {
   allSlicesAllowed,
   bundledConfig,
+  bundledTableFile,
   clearConfigCache,
   CONFIG_ENV_VAR,
   ConfigError,
@@ -477,7 +478,7 @@ Deno.test("gpuShortName and configFileName", () => {
   assert.throws(() => configFileName("NVIDIA H100", 0, 256, 7168), ConfigError);
 });
 
-Deno.test("bundledConfig, pickConfig: ALPHA_MOE_CONFIG, then the card's table, then the default", async () => {
+Deno.test("bundledConfig, pickConfig: ALPHA_MOE_CONFIG, the card's table, its stand-in's, the default", async () => {
   const dir = await Deno.makeTempDir();
   const dirUrl = pathToFileURL(`${dir}/`);
   const saved = Deno.env.get(CONFIG_ENV_VAR);
@@ -497,9 +498,15 @@ Deno.test("bundledConfig, pickConfig: ALPHA_MOE_CONFIG, then the card's table, t
     clearConfigCache(); // the absence was cached
     assert.deepEqual(bundledConfig(card, shape, 3000, { dir: dirUrl }), cfg(80, 32, 8, 5));
     assert.deepEqual(pickConfig(shape, 40, { card, dir: dirUrl }), cfg(8, 64, 4, 2));
-    // Another card or shape has no table.
+    // An H200 without a table of its own takes the H100's; a card with no stand-in, or another
+    // shape, has no table.
+    assert.deepEqual(pickConfig(shape, 40, { card: "NVIDIA H200", dir: dirUrl }), cfg(8, 64, 4, 2));
+    assert.equal(
+      bundledTableFile("NVIDIA H200", shape, { dir: dirUrl })?.href,
+      `${dirUrl.href}H100_E257_N256_K7168.json`,
+    );
     assert.deepEqual(
-      pickConfig(shape, 40, { card: "NVIDIA H200", dir: dirUrl }),
+      pickConfig(shape, 40, { card: "NVIDIA A100-SXM4-80GB", dir: dirUrl }),
       defaultConfig(40),
     );
     assert.deepEqual(
@@ -515,7 +522,12 @@ Deno.test("bundledConfig, pickConfig: ALPHA_MOE_CONFIG, then the card's table, t
       }),
     );
     clearConfigCache(); // H200's absence was cached above
+    // Its own table, once there, wins over the stand-in's.
     assert.deepEqual(bundledConfig("NVIDIA H200", shape, 5, { dir: dirUrl }), cfg(24, 32, 8, 3));
+    assert.equal(
+      bundledTableFile("NVIDIA H200", shape, { dir: dirUrl })?.href,
+      `${dirUrl.href}H200_E257_N256_K7168.json`,
+    );
 
     // ALPHA_MOE_CONFIG wins over the card's table.
     const envTable = `${dir}/mine.json`;

@@ -5,6 +5,7 @@ import { pathToFileURL } from "node:url";
 import { CudaFatalError, UnsupportedError } from "../ffi/errors.ts";
 import {
   allSlicesAllowed,
+  BUNDLED_CONFIG_DIR,
   bundledConfig,
   bundledTableFile,
   clearConfigCache,
@@ -14,6 +15,7 @@ import {
   defaultConfig,
   gpuShortName,
   type KernelConfig,
+  loadConfigTableSync,
   parseConfigTable,
   pickConfig,
 } from "../src/config.ts";
@@ -552,5 +554,26 @@ Deno.test("bundledConfig, pickConfig: ALPHA_MOE_CONFIG, the card's table, its st
     else Deno.env.set(CONFIG_ENV_VAR, saved);
     clearConfigCache();
     await Deno.remove(dir, { recursive: true });
+  }
+});
+
+Deno.test("the shipped tables: valid, every seed batch size, results beside them of the same card and shape", async () => {
+  const names = [...Deno.readDirSync(BUNDLED_CONFIG_DIR)].map((e) => e.name)
+    .filter((n) => /^[A-Za-z0-9]+_E\d+_N\d+_K\d+\.json$/.test(n)).sort();
+  assert.ok(names.length >= 8, `tables: ${names.join(", ")}`);
+  for (const name of names) {
+    const url = new URL(name, BUNDLED_CONFIG_DIR);
+    const table = loadConfigTableSync(url); // throws on any invalid entry
+    assert.deepEqual([...table.keys()], [...SEED_BATCH_SIZES], name);
+    const [gpu, e, n, k] = name.replace(".json", "").split("_");
+    const meta = await readResultsFile(resultsPathFor(url.pathname));
+    assert.equal(meta.metadata.gpu, gpu, name);
+    assert.equal(gpuShortName(meta.metadata.card), gpu, name);
+    const { numExperts, N, K } = meta.metadata.shape;
+    assert.deepEqual([`E${numExperts}`, `N${N}`, `K${K}`], [e, n, k], name);
+    // Each entry is the config its results file chose.
+    for (const r of resultsList(meta)) {
+      assert.ok(sameConfig(table.get(r.M)!, r.best.config), `${name} M=${r.M}`);
+    }
   }
 });

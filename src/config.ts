@@ -502,7 +502,8 @@ function currentCard(): string | undefined {
  * The kernel config for `numTokens` tokens of a layer of `shape`, in this order:
  *
  * 1. the table named by `ALPHA_MOE_CONFIG` ({@link configFromEnv}), when the variable is set;
- * 2. the shipped table for this card and shape ({@link bundledConfig}), when there is one;
+ * 2. the shipped table for this card and shape, or for its stand-in ({@link bundledConfig},
+ *    {@link TABLE_STAND_INS}), when there is one;
  * 3. {@link defaultConfig}.
  *
  * Needs `--allow-env` (and `--allow-read` for the tables); the card is read from device 0 once

@@ -13,7 +13,7 @@
  * @module
  */
 import { parseArgs } from "node:util";
-import { pickConfig } from "../src/config.ts";
+import { bundledTableFile, CONFIG_ENV_VAR, pickConfig } from "../src/config.ts";
 import { deviceInfo } from "../src/device.ts";
 import { DeviceMoeProblem } from "../src/problem.ts";
 import { memoryFloorBytes, Timer } from "../src/timing.ts";
@@ -90,6 +90,14 @@ async function main(): Promise<number> {
     if (!shape) throw new Error(`unknown shape ${name}: one of ${Object.keys(MODEL_SHAPES)}`);
     const { numExperts: E, N, K, topK } = shape;
     const base = targetBase(shape, Math.max(...Ms));
+    // Where the configs come from (pickConfig's order), e.g. the H100's tables on an H200.
+    const tableUrl = bundledTableFile(card, shape);
+    const table = Deno.env.get(CONFIG_ENV_VAR)
+      ? `${CONFIG_ENV_VAR}=${Deno.env.get(CONFIG_ENV_VAR)}`
+      : tableUrl
+      ? `configs/${tableUrl.pathname.slice(tableUrl.pathname.lastIndexOf("/") + 1)}`
+      : "built-in defaults";
+    console.log(`${name}: configs from ${table}`);
     let owner: DeviceMoeProblem | undefined;
     try {
       for (const balancedness of values.balancedness.split(",").map(Number)) {
@@ -119,6 +127,7 @@ async function main(): Promise<number> {
             balancedness,
             M,
             config,
+            table,
             us: t.medianUs,
             memoryUs,
             computeUs,

@@ -437,10 +437,10 @@ function loadTable(url: URL): ConfigTable {
 }
 
 /**
- * The shipped table file that {@link bundledConfig} reads for this card and shape: the card's own
- * (`<gpu>_E<e>_N<n>_K<k>.json`), else that of its stand-in ({@link TABLE_STAND_INS}: an H200 without
- * its own table uses the H100's), or undefined when neither exists (or this module is not loaded
- * from local files).
+ * The shipped table file that {@link bundledConfig} reads for this card and shape: the card's
+ * own (`<gpu>_E<e>_N<n>_K<k>.json`), else that of its stand-in ({@link TABLE_STAND_INS}: an H200
+ * without its own table uses the H100's), or undefined when neither exists (or this module is not
+ * loaded from local files).
  *
  * @throws {ConfigError} if a file exists but is not a valid table
  */

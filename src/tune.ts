@@ -3,9 +3,9 @@
  * `jit_moe.py` does, within a time budget: the library behind `deno task tune`.
  *
  * For each batch size it draws top-k ids at one or more balancedness values (the seed's
- * definition, see {@link balancedTopkIds}), prunes the search space (the seed's: block_m 8..128 step 8, every
- * (block_n, warp_n) of {@link VALID_BLOCK_N_WARP_N}, stages 1..5, and our split 1..16) to what
- * the shape can use,
+ * definition, see {@link balancedTopkIds}), prunes the search space (the seed's: block_m 8..128
+ * step 8, every (block_n, warp_n) of {@link VALID_BLOCK_N_WARP_N}, stages 1..5, and our split
+ * 1..16) to what the shape can use,
  * times every remaining config with CUDA events (L2 flushed before each launch, medians), and
  * re-times the best few with more launches (successive halving, see {@link searchConfigs}). The
  * result is a table in the seed's JSON format ({@link tableJson}) and a results file with the
@@ -739,8 +739,9 @@ function balancednessText(b: number | readonly number[]): string {
 /**
  * `previous` updated by `current`: the batch sizes `current` measured take its results, the
  * others keep `previous`'s, and `metadata.kept` says which earlier run each kept batch size
- * comes from (its date, commit, budget and balancedness: the two runs may route differently). The metadata is otherwise `current`'s. This is `deno task tune --update`: re-tune
- * part of a table (say, the large batch sizes after a kernel change) and keep the rest.
+ * comes from (its date, commit, budget and balancedness: the two runs may route differently).
+ * The metadata is otherwise `current`'s. This is `deno task tune --update`: re-tune part of a
+ * table (say, the large batch sizes after a kernel change) and keep the rest.
  *
  * @throws {Error} when the two are of another card or shape
  */

@@ -480,7 +480,7 @@ Deno.test("gpuShortName and configFileName", () => {
   assert.throws(() => configFileName("NVIDIA H100", 0, 256, 7168), ConfigError);
 });
 
-Deno.test("bundledConfig, pickConfig: ALPHA_MOE_CONFIG, the card's table, its stand-in's, the default", async () => {
+Deno.test("bundledConfig, pickConfig: ALPHA_MOE_CONFIG, own table, stand-in table, default", async () => {
   const dir = await Deno.makeTempDir();
   const dirUrl = pathToFileURL(`${dir}/`);
   const saved = Deno.env.get(CONFIG_ENV_VAR);
@@ -557,7 +557,7 @@ Deno.test("bundledConfig, pickConfig: ALPHA_MOE_CONFIG, the card's table, its st
   }
 });
 
-Deno.test("the shipped tables: valid, every seed batch size, results beside them of the same card and shape", async () => {
+Deno.test("shipped tables: valid, every seed batch size, matching results files", async () => {
   const names = [...Deno.readDirSync(BUNDLED_CONFIG_DIR)].map((e) => e.name)
     .filter((n) => /^[A-Za-z0-9]+_E\d+_N\d+_K\d+\.json$/.test(n)).sort();
   assert.ok(names.length >= 8, `tables: ${names.join(", ")}`);

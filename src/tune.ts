@@ -17,7 +17,7 @@
  * @module
  */
 import { AlphaMoeError, Status } from "../ffi/errors.ts";
-import { symbols } from "../ffi/library.ts";
+import { loadedLibraryPath, symbols } from "../ffi/library.ts";
 import { DeviceBuffer } from "./buffer.ts";
 import {
   allSlicesAllowed,
@@ -594,6 +594,9 @@ export interface TuneMetadata {
   moduleVersion?: string;
   /** Git commit of the sources, if known. */
   gitCommit?: string;
+  /** The loaded library's build stamp (a hash of its sources, nvcc flags and nvcc version), when
+   * one lies beside it: it names the kernel the timings are of whatever git says. */
+  libraryStamp?: string;
   /** ISO date of the run. */
   date: string;
   /** The layer shape. */
@@ -1031,6 +1034,18 @@ interface BatchPlan {
   predicted: number;
 }
 
+/** The build stamp beside the loaded library (`<library>.stamp`), if there is one. */
+function libraryStamp(): string | undefined {
+  const path = loadedLibraryPath();
+  if (path === undefined) return undefined;
+  try {
+    return Deno.readTextFileSync(`${path}.stamp`).trim() || undefined;
+  } catch (err) {
+    if (err instanceof Deno.errors.NotCapable) throw err;
+    return undefined; // a library without a stamp (not built by tasks/build.ts)
+  }
+}
+
 /** Why a resume file cannot continue this run, or undefined when it can. */
 function checkResume(partial: TuneResultsFile, meta: TuneMetadata): string | undefined {
   const a = partial.metadata, s = meta.shape;
@@ -1272,6 +1287,7 @@ export async function tuneConfigs(
     abiVersion: symbols().amoe_abi_version(),
     moduleVersion: options.provenance?.moduleVersion,
     gitCommit: options.provenance?.gitCommit,
+    libraryStamp: libraryStamp(),
     date: new Date().toISOString(),
     shape: { ...shape },
     balancedness: balancedness.length === 1 ? balancedness[0] : balancedness,

@@ -1034,6 +1034,20 @@ interface BatchPlan {
   predicted: number;
 }
 
+/**
+ * Which routing draw a series of the search times on, of `draws` (draw r is at balancedness value
+ * r mod `values`): series r of the last round on draw r, earlier round i on draw i mod `values`
+ * (with one value, draw 0: the first rounds rank on one routing).
+ */
+export function drawFor(
+  run: { round: number; series: number },
+  lastRound: number,
+  values: number,
+  draws: number,
+): number {
+  return (run.round === lastRound ? run.series : run.round % values) % draws;
+}
+
 /** The build stamp beside the loaded library (`<library>.stamp`), if there is one. */
 function libraryStamp(): string | undefined {
   const path = loadedLibraryPath();
@@ -1171,9 +1185,7 @@ async function measureBatches(ctx: BatchContext, reporter: TuneReporter): Promis
       }
       const nb = balancednessList(metadata.balancedness).length;
       const measure: MeasureFn = (config, run) => {
-        const d = run.round === lastRound
-          ? draws[run.series % draws.length]
-          : draws[run.round % nb % draws.length];
+        const d = draws[drawFor(run, lastRound, nb, draws.length)];
         return timer.time(
           () => d.run(config, { stream: timer.stream, outIsZeroed: true }),
           { warmup: run.warmup, iterations: run.iterations },

@@ -27,6 +27,7 @@ import {
   chooseConfig,
   configKey,
   defaultRounds,
+  drawFor,
   formatDuration,
   type MeasureFn,
   mergeResults,
@@ -576,4 +577,14 @@ Deno.test("shipped tables: valid, every seed batch size, matching results files"
       assert.ok(sameConfig(table.get(r.M)!, r.best.config), `${name} M=${r.M}`);
     }
   }
+});
+
+Deno.test("drawFor: the first rounds take turns over the balancedness values, the last round's series over the draws", () => {
+  const seq = (values: number) =>
+    [0, 1, 2].map((round) => drawFor({ round, series: 0 }, 3, values, 4)).concat(
+      [0, 1, 2, 3, 4].map((series) => drawFor({ round: 3, series }, 3, values, 4)),
+    );
+  assert.deepEqual(seq(1), [0, 0, 0, 0, 1, 2, 3, 0]);
+  assert.deepEqual(seq(2), [0, 1, 0, 0, 1, 2, 3, 0]); // draws 0, 2 at value 0; 1, 3 at value 1
+  assert.deepEqual(seq(3), [0, 1, 2, 0, 1, 2, 3, 0]);
 });

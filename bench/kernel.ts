@@ -37,6 +37,7 @@ const HELP = `Usage: deno task bench:kernel [options]
   --stages LIST       stages of the grid (default 2,3,4)
   --split LIST        splits of the grid (default 1,2,4,8,16; only those within two waves);
                       block_m 72 and 80 with (32, 8) are also timed with all_slices where N > 256
+  --split-n           also time each (32, 8) config of split 1 with split_n 2
   --flush HOW         how L2 is emptied before each launch: read (default), write, none
   --json FILE         write every measurement as JSON
   -h, --help`;
@@ -49,6 +50,7 @@ function candidates(
   units: (blockM: number) => number,
   smCount: number,
   slices: number,
+  splitN: boolean,
 ): KernelConfig[] {
   const out: KernelConfig[] = [];
   for (const blockM of blockMs) {
@@ -57,7 +59,10 @@ function candidates(
       for (const stages of stageList) {
         for (const split of splits) {
           if (!worthSplitting(split, units(blockM), smCount)) continue;
-          out.push(...configVariants({ blockM, blockN, warpN, stages, split }, slices > 1));
+          out.push(
+            ...configVariants({ blockM, blockN, warpN, stages, split }, slices > 1, splitN)
+              .filter((c) => worthSplitting(1, units(blockM), smCount, c.splitN)),
+          );
         }
       }
     }
@@ -77,6 +82,7 @@ async function main(): Promise<number> {
       "block-m": { type: "string", default: "8,16,32,64,128" },
       stages: { type: "string", default: "2,3,4" },
       split: { type: "string", default: "1,2,4,8,16" },
+      "split-n": { type: "boolean", default: false },
       flush: { type: "string", default: "read" },
       json: { type: "string" },
       help: { type: "boolean", short: "h", default: false },
@@ -121,6 +127,7 @@ async function main(): Promise<number> {
             (blockM) => unitsOfWork(tokensPerExpert(ids, E), blockM, N),
             smCount,
             N / 256,
+            values["split-n"],
           );
           for (const config of grid) {
             try {

@@ -19,7 +19,8 @@ constexpr int kMaxSplit = 16;  // CTAs per cluster: the largest non-portable clu
 constexpr int kMaxDevices = 64;
 
 struct Config {
-  int block_m, block_n, warp_n, stages, split, all_slices;
+  int block_m, block_n, warp_n, stages, split, all_slices, split_n;
+  int cluster() const { return split_n == 2 ? 2 : split; }  // CTAs per unit
 };
 
 // The (block_n, warp_n) pairs of the seed's search space: both cover a 256-row slice.
@@ -32,9 +33,9 @@ int consumer_wgs_for(int block_n, int warp_n) {
 // Largest sub-tile (tokens per wgmma) whose accumulators fit the consumer registers.
 int max_tokens(int wgs) { return wgs == 1 ? 32 : 64; }
 
-const FusedMoeVariant* find_variant(int tokens, int wgs) {
-  const FusedMoeVariant* table = wgs == 1 ? kVariantsWg1 : kVariantsWg2;
-  const int count = wgs == 1 ? kVariantsWg1Count : kVariantsWg2Count;
+const FusedMoeVariant* find_variant(int tokens, int wgs, bool split_n) {
+  const FusedMoeVariant* table = split_n ? kVariantsSplitN : wgs == 1 ? kVariantsWg1 : kVariantsWg2;
+  const int count = split_n ? kVariantsSplitNCount : wgs == 1 ? kVariantsWg1Count : kVariantsWg2Count;
   for (int i = 0; i < count; ++i) {
     if (table[i].tokens == tokens) return &table[i];
   }
@@ -80,6 +81,16 @@ int resolve_config(const Config& c, int N, const FusedMoeVariant** variant, int*
   if (c.all_slices != 0 && c.all_slices != 1) {
     return fail(AMOE_ERR_UNSUPPORTED, "all_slices must be 0 or 1, got %d", c.all_slices);
   }
+  const bool split_n = c.split_n == 2;
+  if (c.split_n != 1 && !split_n) {
+    return fail(AMOE_ERR_UNSUPPORTED, "split_n must be 1 or 2, got %d", c.split_n);
+  }
+  if (split_n && (wgs != 2 || c.split != 1 || c.all_slices)) {
+    return fail(AMOE_ERR_UNSUPPORTED,
+                "split_n 2 needs (block_n, warp_n) = (32, 8), split 1 and all_slices 0, got (%d, "
+                "%d), split %d, all_slices %d",
+                c.block_n, c.warp_n, c.split, c.all_slices);
+  }
   int optin = 0;
   AMOE_TRY(device_smem_optin(&optin));
   const bool halves = wgs == 2 && c.split == 1 && c.block_m > 64 &&
@@ -104,14 +115,14 @@ int resolve_config(const Config& c, int N, const FusedMoeVariant** variant, int*
   // Blocks of 72 or 80 tokens: one sub-tile (each warpgroup on its own half of the tokens)
   // reads every weight tile once, where two sub-tiles read it twice (bench/NOTES.md, item 45).
   if (halves) {
-    *variant = &kVariantHalves;
-    *smem = kVariantHalves.smem_bytes(c.stages, c.block_m, c.split, slices);
+    *variant = split_n ? &kVariantHalvesSplitN : &kVariantHalves;
+    *smem = (*variant)->smem_bytes(c.stages, c.block_m, c.split, slices);
     if (*smem <= optin) return AMOE_OK;
   }
   int smallest = 0;
   for (int subtiles = (c.block_m + max_tokens(wgs) - 1) / max_tokens(wgs);; ++subtiles) {
     const int tokens = round_up((c.block_m + subtiles - 1) / subtiles, 8);
-    *variant = find_variant(tokens, wgs);
+    *variant = find_variant(tokens, wgs, split_n);
     if (*variant == nullptr) {
       return fail(AMOE_ERR_UNSUPPORTED, "no compiled variant for %d tokens x %d warpgroups",
                   tokens, wgs);
@@ -129,14 +140,14 @@ int resolve_config(const Config& c, int N, const FusedMoeVariant** variant, int*
 
 // A split config also needs the device to fit one cluster of `split` such CTAs.
 int check_clusters(const Config& c, const FusedMoeVariant* variant, int smem) {
-  if (c.split == 1) return AMOE_OK;
+  if (c.cluster() == 1) return AMOE_OK;
   int clusters = 0;
-  AMOE_TRY(variant->max_clusters(smem, c.split, &clusters));
+  AMOE_TRY(variant->max_clusters(smem, c.cluster(), &clusters));
   if (clusters == 0) {
     return fail(AMOE_ERR_UNSUPPORTED,
-                "split %d: this device cannot run a cluster of %d CTAs of %d bytes of shared "
-                "memory each; use a smaller split",
-                c.split, c.split, smem);
+                "this device cannot run a cluster of %d CTAs of %d bytes of shared memory each "
+                "(split %d, split_n %d); use a smaller split",
+                c.cluster(), smem, c.split, c.split_n);
   }
   return AMOE_OK;
 }
@@ -158,30 +169,35 @@ PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
   return fn;
 }
 
-// A weight tensor read in 32 KiB tiles (256 rows of 128 bytes) with the 128-byte swizzle the
-// wgmma descriptors expect, as a 5-dim map with a box of (128 bytes, 256 rows, 1, 1, 1); the
-// kernel's coordinates are (0, c1, c2, slice, expert) (issue_weight_tile).
+// A weight tensor read in 32 KiB tiles (256 rows of 128 bytes; N halves' up tiles: 128 rows)
+// with the 128-byte swizzle the wgmma descriptors expect, as a 5-dim map with a box of (128
+// bytes, box_rows, 1, 1, 1); the kernel's coordinates are (0, c1, c2, slice, expert)
+// (issue_weight_tile).
 struct MapKey {
   int64_t device;  // 64-bit so the key has no padding bytes (compared with memcmp)
   const void* base;
   uint64_t dims[5];
   uint64_t strides[4];  // bytes, of dims 1..4
   uint64_t promote_l2;  // 1: CU_TENSOR_MAP_L2_PROMOTION_L2_256B, 0: none
+  uint64_t box_rows;
   bool operator==(const MapKey& o) const { return std::memcmp(this, &o, sizeof o) == 0; }
 };
 
 constexpr uint64_t kTileBytes = uint64_t(kSliceRows) * kKBlock;
 
 // Up tiles, (K block, slice, expert): row-major [E, N, K] (rows K bytes apart) or stored tiles.
-MapKey w_key(int64_t device, const void* w, int K, int N, int E, bool tiled, bool promote) {
+MapKey w_key(int64_t device, const void* w, int K, int N, int E, bool tiled, bool promote,
+             int box_rows) {
   const uint64_t kblocks = K / kKBlock, slices = N / kSliceRows;
   const uint64_t dims[5] = {kKBlock, kSliceRows, kblocks, slices, uint64_t(E)};
   if (!tiled) {
     return MapKey{device, w, {dims[0], dims[1], dims[2], dims[3], dims[4]},
-                  {uint64_t(K), kKBlock, kSliceRows * uint64_t(K), uint64_t(N) * K}, promote};
+                  {uint64_t(K), kKBlock, kSliceRows * uint64_t(K), uint64_t(N) * K}, promote,
+                  uint64_t(box_rows)};
   }
   return MapKey{device, w, {dims[0], dims[1], dims[2], dims[3], dims[4]},
-                {kKBlock, kTileBytes, kTileBytes * kblocks, uint64_t(N) * K}, promote};
+                {kKBlock, kTileBytes, kTileBytes * kblocks, uint64_t(N) * K}, promote,
+                uint64_t(box_rows)};
 }
 
 // Down tiles. Row-major [E, K, N/2]: (row, 1, slice, expert), all K rows in dim 1, so that the
@@ -191,10 +207,11 @@ MapKey w2_key(int64_t device, const void* w2, int K, int N, int E, bool tiled, b
   const uint64_t row = N / 2;
   if (!tiled) {
     return MapKey{device, w2, {kKBlock, uint64_t(K), 1, slices, uint64_t(E)},
-                  {row, row * K, kKBlock, row * K}, promote};
+                  {row, row * K, kKBlock, row * K}, promote, kSliceRows};
   }
   return MapKey{device, w2, {kKBlock, kSliceRows, tiles, slices, uint64_t(E)},
-                {kKBlock, kTileBytes, kTileBytes * tiles, kTileBytes * tiles * slices}, promote};
+                {kKBlock, kTileBytes, kTileBytes * tiles, kTileBytes * tiles * slices}, promote,
+                kSliceRows};
 }
 
 struct MapCache {
@@ -219,7 +236,8 @@ int tensor_map(const MapKey& key, CUtensorMap* out) {
     return fail(AMOE_ERR_CUDA, "cuTensorMapEncodeTiled is unavailable: the driver is too old");
   }
   cuuint64_t dims[5], strides[4];
-  cuuint32_t box[5] = {kKBlock, kSliceRows, 1, 1, 1}, elem_strides[5] = {1, 1, 1, 1, 1};
+  cuuint32_t box[5] = {kKBlock, cuuint32_t(key.box_rows), 1, 1, 1};
+  cuuint32_t elem_strides[5] = {1, 1, 1, 1, 1};
   for (int d = 0; d < 5; ++d) dims[d] = key.dims[d];
   for (int d = 0; d < 4; ++d) strides[d] = key.strides[d];
   CUtensorMap map;
@@ -254,11 +272,11 @@ extern "C" {
 
 int amoe_fused_moe_check_config(int32_t K, int32_t N, int32_t block_m, int32_t block_n,
                                 int32_t warp_n, int32_t stages, int32_t split,
-                                int32_t all_slices) {
+                                int32_t all_slices, int32_t split_n) {
   using namespace amoe;
   AMOE_REQUIRE(K > 0 && K % 128 == 0, "K must be a positive multiple of 128, got %d", K);
   AMOE_REQUIRE(N > 0 && N % 256 == 0, "N must be a positive multiple of 256, got %d", N);
-  const Config c{block_m, block_n, warp_n, stages, split, all_slices};
+  const Config c{block_m, block_n, warp_n, stages, split, all_slices, split_n};
   const FusedMoeVariant* variant = nullptr;
   int smem = 0;
   AMOE_TRY(select_device());
@@ -273,8 +291,8 @@ int amoe_fused_moe_w8a8_up_down(const void* x, const float* x_scale, const void*
                                 void* out, int32_t M, int32_t K, int32_t N, int32_t num_experts,
                                 int32_t top_k, int32_t sorted_len, int32_t block_m, int32_t block_n,
                                 int32_t warp_n, int32_t stages, int32_t split,
-                                int32_t all_slices, int32_t weight_layout, float scaling_factor,
-                                void* stream) {
+                                int32_t all_slices, int32_t split_n, int32_t weight_layout,
+                                float scaling_factor, void* stream) {
   using namespace amoe;
   AMOE_REQUIRE(x && x_scale && w && w_scale && w2 && w2_scale && sorted_token_ids && expert_ids &&
                    num_tokens_post_padded && topk_weights && out,
@@ -297,7 +315,7 @@ int amoe_fused_moe_w8a8_up_down(const void* x, const float* x_scale, const void*
                    aligned(w2_scale, 4) && aligned(topk_weights, 4) &&
                    aligned(sorted_token_ids, 4) && aligned(expert_ids, 4),
                "scale, weight, id and output pointers must be 4-byte aligned");
-  const Config c{block_m, block_n, warp_n, stages, split, all_slices};
+  const Config c{block_m, block_n, warp_n, stages, split, all_slices, split_n};
   const FusedMoeVariant* variant = nullptr;
   int smem = 0;
   AMOE_TRY(select_device());
@@ -309,8 +327,12 @@ int amoe_fused_moe_w8a8_up_down(const void* x, const float* x_scale, const void*
   FusedMoeLaunch l;
   const bool tiled = weight_layout == AMOE_WEIGHTS_TILES;
   for (const bool promote : {true, false}) {  // the two versions of WeightMaps
-    AMOE_TRY(tensor_map(w_key(device, w, K, N, num_experts, tiled, promote),
+    AMOE_TRY(tensor_map(w_key(device, w, K, N, num_experts, tiled, promote, kSliceRows),
                         promote ? &l.weights.w : &l.weights.w_stream));
+    if (variant->split_n) {
+      AMOE_TRY(tensor_map(w_key(device, w, K, N, num_experts, tiled, promote, kSliceRows / 2),
+                          promote ? &l.weights.w_half : &l.weights.w_half_stream));
+    }
     AMOE_TRY(tensor_map(w2_key(device, w2, K, N, num_experts, tiled, promote),
                         promote ? &l.weights.w2 : &l.weights.w2_stream));
   }
@@ -318,7 +340,7 @@ int amoe_fused_moe_w8a8_up_down(const void* x, const float* x_scale, const void*
                             static_cast<const uint8_t*>(x), x_scale,
                             w_scale, w2_scale, topk_weights,
                             static_cast<__nv_bfloat16*>(out), M, K, N, top_k, block_m, stages,
-                            split, tiled ? 1 : 0, sorted_len, scaling_factor};
+                            c.cluster(), tiled ? 1 : 0, sorted_len, scaling_factor};
   // moe_align_block_size pads each expert's run of slots to a multiple of block_m, so at most
   // floor(slots / block_m) + min(E, slots) blocks hold tokens; the rest of sorted_len is
   // padding whose CTAs would only start and exit (at M=1 on E=257, 217 of 226 blocks: 13 waves
@@ -326,7 +348,7 @@ int amoe_fused_moe_w8a8_up_down(const void* x, const float* x_scale, const void*
   const int64_t slots = int64_t(M) * top_k;
   const int64_t blocks = std::min<int64_t>((int64_t(sorted_len) + block_m - 1) / block_m,
                                            slots / block_m + std::min<int64_t>(num_experts, slots));
-  const int64_t ctas = blocks * (variant->all_slices ? 1 : N / kSliceRows) * split;
+  const int64_t ctas = blocks * (variant->all_slices ? 1 : N / kSliceRows) * c.cluster();
   AMOE_REQUIRE(ctas <= INT32_MAX, "too many token blocks x N slices x split for one launch");
   l.grid = dim3(unsigned(ctas), 1, 1);
   l.stream = static_cast<cudaStream_t>(stream);

@@ -7,8 +7,8 @@
  * {"1": {"block_m": 16, "block_n": 32, "warp_n": 8, "stages": 5, "split": 8}, "8": {...}, ...}
  * ```
  *
- * `split` and `all_slices` are ours (the seed's tables do not have them) and optional: absent
- * means 1 and false. An optional `"__metadata__"` key (any value) is ignored; other fields in
+ * `split`, `all_slices` and `split_n` are ours (the seed's tables do not have them) and
+ * optional: absent means 1, false and 1. An optional `"__metadata__"` key (any value) is ignored; other fields in
  * an entry are ignored too.
  *
  * @module
@@ -36,6 +36,14 @@ export interface KernelConfig {
    * (`blockN`, `warpN`) = (32, 8) and `split` 1. Absent: false, one CTA per slice.
    */
   allSlices?: boolean;
+  /**
+   * 2: a cluster of two CTAs shares each (token block, N slice) unit by N: each multiplies 128
+   * of the slice's 256 gate/up rows (64 whole pairs) and takes half of the down projection's
+   * output rows, so a unit's weight stream is divided without the partial sums of `split`
+   * (whose buffer limits it to small blocks). Only with (`blockN`, `warpN`) = (32, 8), `split`
+   * 1 and no `allSlices`. Absent: 1.
+   */
+  splitN?: number;
 }
 
 /** A parsed table: token count -> config, iterating in ascending token count. */
@@ -118,6 +126,17 @@ function findProblem(c: KernelConfig): Problem | undefined {
       message: `split must be an integer in ${SPLIT_RANGE[0]}..${SPLIT_RANGE[1]}, got ${split}`,
     };
   }
+  const splitN = c.splitN ?? 1;
+  if (splitN !== 1 && splitN !== 2) {
+    return { field: "split_n", message: `split_n must be 1 or 2, got ${splitN}` };
+  }
+  if (splitN === 2 && !splitNAllowed(c)) {
+    return {
+      field: "split_n",
+      message: `split_n 2 needs (block_n, warp_n) = (32, 8), split 1 and no all_slices, got ` +
+        `(${c.blockN}, ${c.warpN}), split ${split}, all_slices ${c.allSlices ?? false}`,
+    };
+  }
   if (c.allSlices && !allSlicesAllowed(c)) {
     return {
       field: "all_slices",
@@ -132,6 +151,11 @@ function findProblem(c: KernelConfig): Problem | undefined {
 export function allSlicesAllowed(c: KernelConfig): boolean {
   return (c.blockM === 72 || c.blockM === 80) && c.blockN === 32 && c.warpN === 8 &&
     (c.split ?? 1) === 1;
+}
+
+/** Whether a config can take `splitN` 2 (see {@link KernelConfig.splitN}). */
+export function splitNAllowed(c: KernelConfig): boolean {
+  return c.blockN === 32 && c.warpN === 8 && (c.split ?? 1) === 1 && !c.allSlices;
 }
 
 /**
@@ -164,7 +188,8 @@ const KEY_RE = /^(0|[1-9][0-9]*)$/;
  * `block_m` not a multiple of 8 in 8..128, a (block_n, warp_n) pair not in
  * {@link VALID_BLOCK_N_WARP_N}, `stages` outside 1..8, a `split` (optional) outside 1..16, an
  * `all_slices` (optional) that is not a boolean or is true for a block shape that cannot take it
- * ({@link allSlicesAllowed}), or a table with no entries.
+ * ({@link allSlicesAllowed}), a `split_n` (optional) other than 1 or 2 or 2 where the config
+ * cannot take it ({@link splitNAllowed}), or a table with no entries.
  */
 export function parseConfigTable(json: unknown, source = "config table"): ConfigTable {
   if (typeof json !== "object" || json === null || Array.isArray(json)) {
@@ -217,6 +242,17 @@ export function parseConfigTable(json: unknown, source = "config table"): Config
         );
       }
       if (x) c.allSlices = true;
+    }
+    if ("split_n" in v) {
+      const x = v.split_n;
+      if (typeof x !== "number" || !Number.isSafeInteger(x)) {
+        throw new ConfigError(
+          `${where}: field "split_n" must be an integer, got ${JSON.stringify(x)}`,
+          key,
+          "split_n",
+        );
+      }
+      if (x !== 1) c.splitN = x;
     }
     const problem = findProblem(c);
     if (problem !== undefined) {

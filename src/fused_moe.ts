@@ -229,6 +229,7 @@ export function fusedMoeW8A8UpDown(
       config.stages,
       config.split ?? 1,
       config.allSlices ? 1 : 0,
+      config.splitN ?? 1,
       layout === "tiles" ? 1 : 0,
       scalingFactor,
       stream,
@@ -253,6 +254,7 @@ export function checkKernelConfig(K: number, N: number, config: KernelConfig): v
       config.stages,
       config.split ?? 1,
       config.allSlices ? 1 : 0,
+      config.splitN ?? 1,
     ),
   );
 }

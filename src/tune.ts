@@ -25,6 +25,7 @@ import {
   gpuShortName,
   type KernelConfig,
   parseConfigTable,
+  splitNAllowed,
   VALID_BLOCK_N_WARP_N,
 } from "./config.ts";
 import { type DeviceInfo, requireHopper } from "./device.ts";
@@ -218,8 +219,9 @@ export const TUNE_SPLITS: readonly number[] = Object.freeze([1, 2, 3, 4, 5, 6, 7
 /**
  * The seed's search space (block_m 8..128 step 8 x (block_n, warp_n) pairs x stages 1..5), each
  * with every split of {@link TUNE_SPLITS}, plus `allSlices` for the block shapes that take it
- * ({@link allSlicesAllowed}); {@link worthSplitting} prunes the splits per batch, and the tuner
- * drops `allSlices` where N has one slice (the same kernel).
+ * ({@link allSlicesAllowed}) and `splitN` 2 for those that take it ({@link splitNAllowed});
+ * {@link worthSplitting} prunes the splits per batch, and the tuner drops `allSlices` where N
+ * has one slice (the same kernel).
  */
 export function searchSpace(): KernelConfig[] {
   const out: KernelConfig[] = [];
@@ -227,7 +229,7 @@ export function searchSpace(): KernelConfig[] {
     for (const [blockN, warpN] of VALID_BLOCK_N_WARP_N) {
       for (const stages of TUNE_STAGES) {
         for (const split of TUNE_SPLITS) {
-          out.push(...configVariants({ blockM, blockN, warpN, stages, split }, true));
+          out.push(...configVariants({ blockM, blockN, warpN, stages, split }, true, true));
         }
       }
     }
@@ -237,12 +239,20 @@ export function searchSpace(): KernelConfig[] {
 
 /**
  * `c` in canonical form (no split field for 1, as in the seed's tables), then, when `allSlices`
- * is wanted and the block shape takes it ({@link allSlicesAllowed}), the same with allSlices.
+ * is wanted and the block shape takes it ({@link allSlicesAllowed}), the same with allSlices,
+ * and when `splitN` is wanted and the config takes it ({@link splitNAllowed}), with splitN 2.
  */
-export function configVariants(c: KernelConfig, allSlices: boolean): KernelConfig[] {
-  const { split, ...rest } = c;
+export function configVariants(
+  c: KernelConfig,
+  allSlices: boolean,
+  splitN = false,
+): KernelConfig[] {
+  const { split, allSlices: _a, splitN: _n, ...rest } = c;
   const base: KernelConfig = { ...rest, ...((split ?? 1) > 1 ? { split } : {}) };
-  return allSlices && allSlicesAllowed(base) ? [base, { ...base, allSlices: true }] : [base];
+  const out = [base];
+  if (allSlices && allSlicesAllowed(base)) out.push({ ...base, allSlices: true });
+  if (splitN && splitNAllowed(base)) out.push({ ...base, splitN: 2 });
+  return out;
 }
 
 /**
@@ -257,9 +267,16 @@ export function unitsOfWork(counts: ArrayLike<number>, blockM: number, N: number
 
 /**
  * Is `split` worth timing for a launch of `units` units on `smCount` SMs? Splitting only helps
- * while the CTAs do not fill the GPU: keep splits whose CTAs still fit in two waves.
+ * while the CTAs do not fill the GPU: keep splits whose CTAs still fit in two waves. N halves
+ * (`splitN` 2) also shorten the last wave of a launch of a few waves: kept up to four.
  */
-export function worthSplitting(split: number, units: number, smCount: number): boolean {
+export function worthSplitting(
+  split: number,
+  units: number,
+  smCount: number,
+  splitN = 1,
+): boolean {
+  if (splitN > 1) return units <= 4 * smCount;
   return split === 1 || units * split <= 2 * smCount;
 }
 
@@ -274,20 +291,20 @@ export function blockMLimit(maxTokensPerExpert: number): number {
 }
 
 /**
- * `block_m/block_n/warp_n/stages`, then `xSPLIT` when split > 1 and `/all` with allSlices:
- * `16/32/8/4`, `8/64/4/3x8`, `80/32/8/3/all`.
+ * `block_m/block_n/warp_n/stages`, then `xSPLIT` when split > 1, `/all` with allSlices and `/n2`
+ * with splitN 2: `16/32/8/4`, `8/64/4/3x8`, `80/32/8/3/all`, `80/32/8/4/n2`.
  */
 export function configKey(c: KernelConfig): string {
   const split = c.split ?? 1;
   return `${c.blockM}/${c.blockN}/${c.warpN}/${c.stages}${split > 1 ? `x${split}` : ""}` +
-    (c.allSlices ? "/all" : "");
+    (c.allSlices ? "/all" : "") + ((c.splitN ?? 1) > 1 ? `/n${c.splitN}` : "");
 }
 
-/** Same six fields (an absent split is 1, an absent allSlices false). */
+/** Same seven fields (an absent split or splitN is 1, an absent allSlices false). */
 export function sameConfig(a: KernelConfig, b: KernelConfig): boolean {
   return a.blockM === b.blockM && a.blockN === b.blockN && a.warpN === b.warpN &&
     a.stages === b.stages && (a.split ?? 1) === (b.split ?? 1) &&
-    (a.allSlices ?? false) === (b.allSlices ?? false);
+    (a.allSlices ?? false) === (b.allSlices ?? false) && (a.splitN ?? 1) === (b.splitN ?? 1);
 }
 
 /**
@@ -301,7 +318,8 @@ export function orderByHint(configs: readonly KernelConfig[], hint: KernelConfig
     Math.abs(Math.log2(c.split ?? 1) - Math.log2(hint.split ?? 1)) +
     0.35 * Math.abs(c.stages - hint.stages) +
     (c.blockN === hint.blockN && c.warpN === hint.warpN ? 0 : 0.5) +
-    ((c.allSlices ?? false) === (hint.allSlices ?? false) ? 0 : 0.5);
+    ((c.allSlices ?? false) === (hint.allSlices ?? false) ? 0 : 0.5) +
+    ((c.splitN ?? 1) === (hint.splitN ?? 1) ? 0 : 0.5);
   return configs.map((c, i) => ({ c, i, d: d(c) }))
     .sort((a, b) => a.d - b.d || a.i - b.i)
     .map((x) => x.c);
@@ -654,8 +672,8 @@ export interface TuneResultsFile {
 
 /**
  * A table in the seed's format: `{"<tokens>": {"block_m", "block_n", "warp_n", "stages"}}`, plus
- * `"split"` on entries whose split is above 1 and `"all_slices": true` where set (ours; the seed
- * has neither field), keys
+ * `"split"` on entries whose split is above 1, `"all_slices": true` and `"split_n": 2` where set
+ * (ours; the seed has none of these fields), keys
  * in ascending numeric order, one entry per line, nothing else, so that the seed's
  * `get_best_config` (which calls `int()` on every key) reads it as well as {@link
  * parseConfigTable} does. The timings and provenance go to the results file instead.
@@ -665,7 +683,8 @@ export function tableJson(entries: Iterable<readonly [number, KernelConfig]>): s
   const lines = sorted.map(([m, c]) =>
     `  "${m}": {"block_m": ${c.blockM}, "block_n": ${c.blockN}, "warp_n": ${c.warpN}, ` +
     `"stages": ${c.stages}${(c.split ?? 1) > 1 ? `, "split": ${c.split}` : ""}` +
-    `${c.allSlices ? `, "all_slices": true` : ""}}`
+    `${c.allSlices ? `, "all_slices": true` : ""}` +
+    `${(c.splitN ?? 1) > 1 ? `, "split_n": ${c.splitN}` : ""}}`
   );
   const text = `{\n${lines.join(",\n")}\n}\n`;
   parseConfigTable(JSON.parse(text), "tableJson"); // never write what we could not read back
@@ -1311,10 +1330,11 @@ export async function tuneConfigs(
           VALID_BLOCK_N_WARP_N.map(([a, b]) => `(${a}, ${b})`).join(", ")
         } x stages ${TUNE_STAGES[0]}..${TUNE_STAGES[TUNE_STAGES.length - 1]} x split ${
           TUNE_SPLITS.join("/")
-        }, plus all_slices for block_m 72/80 (32, 8) split 1 where N > 256, less what ` +
+        }, plus all_slices for block_m 72/80 (32, 8) split 1 where N > 256 and split_n 2 for ` +
+        `(32, 8) split 1, less what ` +
         `checkKernelConfig refuses`,
       pruning: "block_m <= max(16, 2 x the busiest expert's slots rounded up to 8); " +
-        "split > 1 only while units x split <= 2 x SMs",
+        "split > 1 only while units x split <= 2 x SMs; split_n 2 only while units <= 4 x SMs",
       rounds: `${describeRounds(rounds)}; the last round's series each on its own routing draw`,
       keepDefaultWithin: KEEP_DEFAULT_WITHIN,
       budgetSeconds: budget,
@@ -1415,7 +1435,7 @@ export async function tuneConfigs(
     const limit = blockMLimit(busiest);
     const candidates = runnable.filter((c) =>
       c.blockM <= limit &&
-      worthSplitting(c.split ?? 1, unitsOfWork(counts, c.blockM, N), info.smCount)
+      worthSplitting(c.split ?? 1, unitsOfWork(counts, c.blockM, N), info.smCount, c.splitN)
     );
     // The floor beside a reported time is of the draws that time is the mean over.
     const floorBytes = [topkIds, ...moreTopkIds].reduce(

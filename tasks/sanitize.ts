@@ -5,7 +5,8 @@
  * routing's last block part-filled, which the kernel must not read past; K = 384 leaves the last
  * down tile half past K (zero-filled from row-major weights, padding in stored tiles). One more
  * run at block_m 80 per N of 256 and 768 covers the warpgroups on separate token halves, over one
- * N slice and over three in one CTA.
+ * N slice and over three in one CTA, each also as N halves (split_n 2: pairs of CTAs that swap
+ * their amax and FP8 halves through distributed shared memory), as is block_m 8 with (32, 8).
  * `--child` is the part that runs under the sanitizer.
  *
  * @module
@@ -37,6 +38,12 @@ function child(): void {
         check(dev, ref, { blockM: 8, blockN, warpN, stages: 2, split }, weightLayout);
       }
     }
+    check(
+      dev,
+      ref,
+      { blockM: 8, blockN: 32, warpN: 8, stages: 2, split: 1, splitN: 2 },
+      weightLayout,
+    );
   }
   // ~75 slots per expert: blocks of 80 are one sub-tile with each consumer warpgroup on its own
   // half of the tokens, the second half part-filled; with N = 768 one CTA covers three slices.
@@ -51,12 +58,15 @@ function child(): void {
       seed: 12,
     });
     using dev = new DeviceMoeProblem(big);
-    check(
-      dev,
-      reference(dev, big),
-      { blockM: 80, blockN: 32, warpN: 8, stages: 2, split: 1 },
-      `tiles, N ${N}`,
-    );
+    const ref = reference(dev, big);
+    for (const splitN of [1, 2]) {
+      check(
+        dev,
+        ref,
+        { blockM: 80, blockN: 32, warpN: 8, stages: 2, split: 1, splitN },
+        `tiles, N ${N}`,
+      );
+    }
   }
 }
 
@@ -73,7 +83,7 @@ function check(
   dev.run(config);
   const err = relativeL2(dev.readOut(), ref);
   const what = `${weightLayout}, block_m ${config.blockM} (${config.blockN}, ${config.warpN}) ` +
-    `split ${config.split}`;
+    `split ${config.split}` + ((config.splitN ?? 1) > 1 ? ` split_n ${config.splitN}` : "");
   console.log(`${what}: relative L2 ${err.toExponential(3)}`);
   if (!(err <= 1e-2)) throw new Error(`${what} is wrong under the sanitizer`);
 }

@@ -281,6 +281,38 @@ Deno.test("parse: split is optional (absent = 1), an integer in 1..16", () => {
   assert.match(configProblem({ blockM: 8, blockN: 32, warpN: 8, stages: 2, split: 1.5 })!, /split/);
 });
 
+Deno.test("parse: split_n is optional (absent = 1), 1 or 2, 2 only for (32, 8) split 1", () => {
+  const halves = { block_m: 80, block_n: 32, warp_n: 8, stages: 4, split_n: 2 };
+  const t = parseConfigTable({
+    "512": halves,
+    "1024": { ...halves, split_n: 1 },
+    "2048": { ...halves, block_m: 8 },
+  });
+  assert.equal(t.get(512)!.splitN, 2);
+  assert.equal(t.get(1024)!.splitN, undefined);
+  assert.equal(t.get(2048)!.splitN, 2);
+  assertConfigError(
+    () => parseConfigTable({ "1": { ...halves, split_n: true } }),
+    /field "split_n" must be an integer/,
+    "1",
+    "split_n",
+  );
+  assertConfigError(
+    () => parseConfigTable({ "1": { ...halves, split_n: 4 } }),
+    /key "1": split_n must be 1 or 2, got 4/,
+    "1",
+    "split_n",
+  );
+  for (const bad of [{ block_n: 64, warp_n: 4 }, { split: 2 }, { all_slices: true }]) {
+    assertConfigError(
+      () => parseConfigTable({ "1": { ...halves, ...bad } }),
+      /key "1": split_n 2 needs \(block_n, warp_n\) = \(32, 8\), split 1 and no all_slices/,
+      "1",
+      "split_n",
+    );
+  }
+});
+
 Deno.test("parse: all_slices is optional (absent = false), a boolean, only for 72/80 (32, 8) split 1", () => {
   const all = { block_m: 80, block_n: 32, warp_n: 8, stages: 3, all_slices: true };
   const t = parseConfigTable({

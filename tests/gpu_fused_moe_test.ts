@@ -254,6 +254,65 @@ gpuTest("all_slices: one CTA per token block over one, two and three N slices", 
   checkKernelConfig(4096, 768, { ...cfg(80, 32, 8, 3), allSlices: true });
 });
 
+gpuTest("split_n 2: N halves of every block size, both layouts, one to three slices", () => {
+  // Each CTA of a pair multiplies 128 of a slice's 256 gate/up rows, the two swap their amax and
+  // FP8 halves: the output matches the reference only if every token's scale covers both.
+  // K = 640: 5 K blocks and 3 down tiles (odd, so the pair's down shares differ), the last half
+  // past K. Blocks of 72 and 80 run on token halves, those above 80 in two sub-tiles.
+  let worst = 0;
+  let runs = 0;
+  for (const N of [256, 512, 768]) {
+    const p = makeRandomMoeProblem({
+      M: 160,
+      K: 640,
+      N,
+      numExperts: 3,
+      topK: 2,
+      blockM: 8,
+      seed: 21,
+    });
+    for (const layout of ["tiles", "rows"] as const) {
+      using dev = new DeviceMoeProblem(p, { weightLayout: layout });
+      const ref = references(dev, p, 8).requant;
+      for (
+        const blockM of N === 512
+          ? [8, 16, 24, 32, 40, 48, 56, 64, 72, 80, 96, 128]
+          : [8, 64, 80, 128]
+      ) {
+        for (const stages of [1, 3]) {
+          dev.run({ ...cfg(blockM, 32, 8, stages), splitN: 2 });
+          worst = Math.max(
+            worst,
+            assertClose(
+              dev.readOut(),
+              ref,
+              `N ${N} ${layout} block_m ${blockM} stages ${stages} split_n 2`,
+            ),
+          );
+          runs++;
+        }
+      }
+    }
+  }
+  console.log(`${runs} configs with split_n 2, worst relative L2 ${worst.toExponential(3)}`);
+  for (
+    const bad of [cfg(80, 64, 4, 3), cfg(16, 32, 8, 3, 2), {
+      ...cfg(80, 32, 8, 3),
+      allSlices: true,
+    }]
+  ) {
+    assert.throws(
+      () => checkKernelConfig(7168, 512, { ...bad, splitN: 2 }),
+      (e: unknown) => e instanceof UnsupportedError && /split_n 2 needs/.test(e.message),
+    );
+  }
+  assert.throws(
+    () => checkKernelConfig(7168, 512, { ...cfg(80, 32, 8, 3), splitN: 3 }),
+    (e: unknown) =>
+      e instanceof UnsupportedError && /split_n must be 1 or 2, got 3/.test(e.message),
+  );
+});
+
 // Splits above 3 leave CTAs of the small shape with no up or no down work, which must still
 // take part in every cluster exchange.
 gpuTest("split units: splits 2..16 (odd ones too) against the reference on a small shape", () => {

@@ -18,6 +18,7 @@ import {
   loadConfigTableSync,
   parseConfigTable,
   pickConfig,
+  splitNAllowed,
 } from "../src/config.ts";
 import { makeRandomMoeProblem } from "../src/random.ts";
 import {
@@ -121,15 +122,24 @@ Deno.test("balancedTopkIds: the seed's balancedness (uniform, one-hot, mixture),
 
 /** The seed's part of the search space (split 1): the synthetic kernels below ignore split. */
 function seedSpace(): KernelConfig[] {
-  return searchSpace().filter((c) => (c.split ?? 1) === 1 && !c.allSlices);
+  return searchSpace().filter((c) => (c.split ?? 1) === 1 && !c.allSlices && !c.splitN);
 }
 
 Deno.test("search space and pruning", () => {
   const space = searchSpace();
-  // all_slices: block_m 72 and 80 with (32, 8), split 1, stages 1..5.
-  assert.equal(space.length, 16 * 2 * 5 * TUNE_SPLITS.length + 2 * 5);
+  // all_slices: block_m 72 and 80 with (32, 8), split 1, stages 1..5; split_n 2: every block_m
+  // with (32, 8), split 1, stages 1..5.
+  assert.equal(space.length, 16 * 2 * 5 * TUNE_SPLITS.length + 2 * 5 + 16 * 5);
   assert.equal(space.filter((c) => c.allSlices).length, 10);
   assert.ok(space.filter((c) => c.allSlices).every(allSlicesAllowed));
+  const halvesN = space.filter((c) => c.splitN === 2);
+  assert.equal(halvesN.length, 80);
+  assert.ok(halvesN.every((c) => splitNAllowed(c) && c.blockN === 32 && !c.split));
+  assert.equal(configKey({ ...cfg(80, 32, 8, 4), splitN: 2 }), "80/32/8/4/n2");
+  assert.ok(!sameConfig(cfg(80, 32, 8, 4), { ...cfg(80, 32, 8, 4), splitN: 2 }));
+  // N halves are timed up to four waves of units, whatever the K split rule says.
+  assert.ok(worthSplitting(1, 4 * 132, 132, 2));
+  assert.ok(!worthSplitting(1, 4 * 132 + 1, 132, 2));
   assert.equal(seedSpace().length, 160);
   assert.equal(new Set(space.map(configKey)).size, space.length);
   assert.equal(configKey({ ...cfg(8, 64, 4, 3), split: 8 }), "8/64/4/3x8");
@@ -288,6 +298,19 @@ Deno.test("tableJson: the seed's format, sorted, read back by parseConfigTable",
   const table = parseConfigTable(json);
   assert.deepEqual(table.get(512), cfg(32, 64, 4, 2));
   assert.throws(() => tableJson([[1, cfg(12, 32, 8, 2)]]), ConfigError);
+  // Our fields, only where they differ from the seed's kernel.
+  const ours = tableJson([[2048, { ...cfg(80, 32, 8, 4), splitN: 2 }], [1, {
+    ...cfg(8, 32, 8, 3),
+    split: 7,
+  }]]);
+  assert.match(
+    ours,
+    /"2048": \{"block_m": 80, "block_n": 32, "warp_n": 8, "stages": 4, "split_n": 2\}/,
+  );
+  assert.deepEqual(parseConfigTable(JSON.parse(ours)).get(2048), {
+    ...cfg(80, 32, 8, 4),
+    splitN: 2,
+  });
 });
 
 function result(M: number, bestUs: number, defUs: number): BatchResult {
@@ -427,13 +450,14 @@ Deno.test("the budget model: E=257 N=256 K=7168 top-k 9 over the seed's sizes fi
     const limit = blockMLimit(Math.max(...counts));
     const n = space.filter((c) =>
       c.blockM <= limit &&
-      worthSplitting(c.split ?? 1, unitsOfWork(counts, c.blockM, shape.N), 132)
+      worthSplitting(c.split ?? 1, unitsOfWork(counts, c.blockM, shape.N), 132, c.splitN)
     ).length;
     configs += n;
     const floorUs = memoryFloorBytes({ M, ...shape }, ids) / 3e12 * 1e6;
     seconds += predictSeconds(shape, M, n, floorUs, defaultRounds(40), true);
   }
-  assert.ok(configs > 4000 && configs < 160 * 48, `configs ${configs}`);
+  // At most the seed's 160 per batch size plus our 80 of split_n 2 and a few splits.
+  assert.ok(configs > 4000 && configs < 250 * SEED_BATCH_SIZES.length, `configs ${configs}`);
   // The model (kernel at 1.6x its floor or compute time, plus a 45 µs L2 flush per launch)
   // predicts well under the 420 s default budget; the budget itself is the guarantee.
   assert.ok(seconds > 10 && seconds < 120, `predicted ${seconds.toFixed(0)} s`);

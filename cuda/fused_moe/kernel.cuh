@@ -18,6 +18,15 @@
 // exchanges per sub-tile (ClusterExchange); the result is the same as with one CTA except for
 // the order of the fp32 additions.
 //
+// N halves (kSplitN, the `split_n` config field). A cluster of two CTAs shares one unit by N
+// instead: CTA r multiplies rows 128 r .. 128 r + 127 of the slice in the up projection, which
+// are 64 whole gate/up pairs (the 8-row interleave), so it needs no partial sums from its peer.
+// The two swap each token's amax over their 64 intermediates (one float per token) and then
+// their halves of the FP8 activation tile (64 bytes per token); each takes half of the down
+// projection's output tiles. A unit's bytes and tensor work are divided evenly without the
+// split units' partial-sum buffer, so large token blocks can be split too (bench/NOTES.md,
+// item 53). The result is the same as with one CTA.
+//
 // Warp roles. Warpgroup 0 is the producer: its four warps stream every operand (weight tiles
 // by TMA, token rows and scales by cp.async) into a ring of `stages` shared-memory buffers.
 // Warpgroups 1..WGS are consumers; each owns 256/WGS of the 256 weight rows of every stage.
@@ -106,7 +115,7 @@ struct FusedMoeParams {
   const float* topk_weights;
   __nv_bfloat16* out;  // [M, K]
   int32_t M, K, N, top_k, block_m, stages;
-  int32_t split;  // CTAs per cluster sharing one (token block, N slice) unit
+  int32_t split;  // CTAs per cluster sharing one (token block, N slice) unit (N halves: 2)
   int32_t tiled;  // weights stored as whole tiles (AMOE_WEIGHTS_TILES), else row-major
   int32_t sorted_len;  // entries of sorted_token_ids; expert_ids has ceil(sorted_len / block_m)
   float scaling_factor;
@@ -174,6 +183,7 @@ struct BlockInfo {
   int kb_begin, kb_end;  // this CTA's share of the up projection's K blocks
   int dt_begin, dt_end;  // and of the down projection's 256-row output tiles
   int split, rank;       // CTAs sharing the unit, and this one's rank among them
+  int up_row0, up_rows;  // the slice's rows this CTA's up tiles hold (N halves: 128 of 256)
   // How thread 0, which issues the weight tiles, loads them (only its copy is meaningful):
   bool streamed;  // a full block that is its expert's only one: nothing re-reads its weights
   const CUtensorMap* w_map;   // WeightMaps: the promoted or the streaming version
@@ -262,12 +272,12 @@ __device__ __forceinline__ void issue_weight_tile(const BlockInfo& b, bool tiled
   const StageSource src = stage_source<kAllSlices>(b, i);
   const int slice = b.slice + src.slice;
   const uint64_t policy = b.streamed ? ptx::policy_evict_first() : ptx::policy_evict_normal();
-  ptx::mbar_expect_tx(full, kWeightTileBytes);
+  ptx::mbar_expect_tx(full, src.up ? b.up_rows * kKBlock : kWeightTileBytes);
   // Both layouts are 5-dim maps (see the host's w_key, w2_key). An up tile is (K block, slice,
   // expert) in both. A down tile is (tile, slice, expert) when stored as tiles; row-major, its
   // rows are dim 1 (so that rows past K read as zeros) and dim 2 has size 1.
   if (src.up) {
-    ptx::tma_load_5d(st, b.w_map, full, 0, src.index, slice, b.expert, policy);
+    ptx::tma_load_5d(st, b.w_map, full, b.up_row0, src.index, slice, b.expert, policy);
   } else {
     const int dt = src.index;
     ptx::tma_load_5d(st, b.w2_map, full, tiled ? 0 : dt * kSliceRows, tiled ? dt : 0, slice,
@@ -370,7 +380,7 @@ __device__ __forceinline__ void produce(const FusedMoeParams& p, const BlockInfo
 
 // ---------------------------------------------------------------------------------------
 // Consumers: WGS warpgroups, each owning 256/WGS rows of every weight tile.
-template <int T, int WGS, bool kHalves, bool kAllSlices>
+template <int T, int WGS, bool kHalves, bool kAllSlices, bool kSplitN>
 __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo& b, Ring ring,
                                         uint8_t* act, uint8_t* staging, float* partial,
                                         uint32_t* amax, float* act_scale,
@@ -381,6 +391,10 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
   using L = SmemLayout<S, WGS>;
   constexpr int kRowsPerWg = kHalves ? kSliceRows : kSliceRows / WGS;
   constexpr int kTiles = kRowsPerWg / 64;  // m64 wgmma tiles per consumer warpgroup
+  // Up tiles hold the CTA's rows of the slice (N halves: 128 of the 256), divided the same way.
+  constexpr int kUpRowsPerWg = (kSplitN ? kSliceRows / 2 : kSliceRows) / (kHalves ? 1 : WGS);
+  constexpr int kUpTiles = kUpRowsPerWg / 64;
+  static_assert(kUpTiles >= 1, "an up tile gives each consumer warpgroup at least 64 rows");
   constexpr int kRegs = T / 2;             // accumulator registers per m64 x T tile
   constexpr int kConsumerThreads = WGS * 128;
   // Threads that synchronise within a sub-tile: the warpgroup alone with kHalves.
@@ -392,6 +406,7 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
   const int quad = lane % 4;
   const int row_in_warp = lane / 4;  // fragment rows row_in_warp and row_in_warp + 8
   const int wg_row0 = kHalves ? 0 : wg * kRowsPerWg;
+  const int wg_up_row0 = kHalves ? 0 : wg * kUpRowsPerWg;  // within the stage's up tile
   const int tw = kHalves ? wg * T : 0;  // this warpgroup's first token of the sub-tile
   const int stid = kHalves ? ctid % 128 : ctid;  // index among the kSyncThreads
   // The top-k weight of each slot (the prologue left the slot id in its place); first read
@@ -403,7 +418,7 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
     b.tok_weight[own] = slot >= 0 ? p.topk_weights[slot] * p.scaling_factor : 0.0f;
   }
 
-  constexpr int kUpGroups = kTiles * 4 / kUpPromoteSteps;  // promotions per stage
+  constexpr int kUpGroups = kUpTiles * 4 / kUpPromoteSteps;  // promotions per stage
   // Buffers of FP8 partial sums in flight: the tensor cores fill the next ones while the
   // oldest is promoted. With few tokens a wgmma is short and its latency is what counts, so
   // small T keeps more of them queued (up to 8, within 64 registers); 2 (ping-pong) for large T.
@@ -432,7 +447,7 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
 
       // ---- up projection: acc = sum_kb (w_kb . x_kb^T) * w_scale * x_scale ----
 #pragma unroll
-      for (int m = 0; m < kTiles; ++m)
+      for (int m = 0; m < kUpTiles; ++m)
 #pragma unroll
         for (int r = 0; r < kRegs; ++r) acc[m][r] = 0.0f;
 
@@ -468,7 +483,7 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
             const int step = g * kUpPromoteSteps + s;
             WgmmaFp8<T>::mma(
                 part[g % kDepth],
-                ptx::sw128_desc(st + (wg_row0 + (step / 4) * 64) * kKBlock + (step % 4) * 32),
+                ptx::sw128_desc(st + (wg_up_row0 + (step / 4) * 64) * kKBlock + (step % 4) * 32),
                 ptx::sw128_desc(st + L::kXOffset + tw * kKBlock + (step % 4) * 32), s);
           }
           ptx::wgmma_commit();
@@ -499,7 +514,7 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
       auto slot = [&](int m, int q) { return (m * (kRegs / 4) + q) * kConsumerThreads + ctid; };
       auto h_slot = [&](int m, int j) { return (m * (T / 8) + j) * kConsumerThreads + ctid; };
       auto group_of = [&](int m) { return wg_row0 / 16 + m * 4 + warp; };
-      if (!kHalves && b.split > 1) {
+      if (!kHalves && !kSplitN && b.split > 1) {
 #pragma unroll
         for (int m = 0; m < kTiles; ++m)
 #pragma unroll
@@ -542,11 +557,11 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
 #pragma unroll
       for (int j = 0; j < T / 8; ++j)
 #pragma unroll
-        for (int m = 0; m < kTiles; ++m) {
+        for (int m = 0; m < kUpTiles; ++m) {
           acc[m][4 * j + 0] = silu(acc[m][4 * j + 0]) * acc[m][4 * j + 2];
           acc[m][4 * j + 1] = silu(acc[m][4 * j + 1]) * acc[m][4 * j + 3];
         }
-      if (!kHalves && b.split > 1) {
+      if (!kHalves && !kSplitN && b.split > 1) {
         // The owners publish their pairs' SwiGLU outputs (fp32, 512 T bytes for the slice) and
         // every CTA copies the pairs it does not own, so each holds all 128 intermediates and
         // takes the amax and writes the FP8 tile by itself. Two exchanges per sub-tile; with
@@ -573,12 +588,13 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
           }
         }
       }
-      // The per-token amax over the slice's 128 intermediates.
+      // The per-token amax over the slice's 128 intermediates (N halves: over this CTA's 64,
+      // then over both CTAs').
 #pragma unroll
       for (int j = 0; j < T / 8; ++j) {
         float m0 = 0.0f, m1 = 0.0f;
 #pragma unroll
-        for (int m = 0; m < kTiles; ++m) {
+        for (int m = 0; m < kUpTiles; ++m) {
           m0 = fmaxf(m0, fabsf(acc[m][4 * j + 0]));
           m1 = fmaxf(m1, fabsf(acc[m][4 * j + 1]));
         }
@@ -593,7 +609,24 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
           atomicMax(&amax_cur[j * 8 + quad * 2 + 1], __float_as_uint(m1));
         }
       }
-      ptx::named_barrier_sync(sync_id, kSyncThreads);
+      uint32_t amax_col[T / 8][2];  // of this thread's token columns
+      if constexpr (kSplitN) {
+        if (sub == 0) ptx::cluster_wait();  // the prologue's arrival: the peer is running
+        xc.sync(ctid, kConsumerThreads);    // both CTAs' amax buffers are complete
+        const int peer = b.rank ^ 1;
+#pragma unroll
+        for (int j = 0; j < T / 8; ++j)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+            amax_col[j][h] = ptx::ld_cluster_u32(ptx::cluster_addr(&amax_cur[j * 8 + quad * 2 + h], peer));
+          }
+      } else {
+        ptx::named_barrier_sync(sync_id, kSyncThreads);
+#pragma unroll
+        for (int j = 0; j < T / 8; ++j)
+#pragma unroll
+          for (int h = 0; h < 2; ++h) amax_col[j][h] = 0;
+      }
 
       // ---- re-quantise per token over the slice's 128 intermediates; write the B tile ----
 #pragma unroll
@@ -601,7 +634,8 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
           const int col = j * 8 + quad * 2 + h;
-          const float scale = fmaxf(__uint_as_float(amax_cur[col]), 1e-10f) / kFp8Max;
+          const uint32_t amax_bits = max(amax_cur[col], amax_col[j][h]);
+          const float scale = fmaxf(__uint_as_float(amax_bits), 1e-10f) / kFp8Max;
           const bool live = tw + col < tcount;
           if constexpr (kAllSlices) {
             if (warp == 0 && row_in_warp == 0) act_scale[si * S + tw + col] = scale;
@@ -609,18 +643,32 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
             col_factor[j][h] = live ? b.tok_weight[t0 + tw + col] * scale : 0.0f;
           }
 #pragma unroll
-          for (int m = 0; m < kTiles; ++m) {
+          for (int m = 0; m < kUpTiles; ++m) {
             // Intermediate index of this fragment row within the slice: 16-row groups hold
             // 8 gate + 8 up rows, so group g holds intermediates 8g .. 8g + 7.
-            const int inter = ((wg_row0 + m * 64 + warp * 16) / 16) * 8 + row_in_warp;
+            const int inter =
+                ((b.up_row0 + wg_up_row0 + m * 64 + warp * 16) / 16) * 8 + row_in_warp;
             const __nv_fp8_e4m3 q(acc[m][4 * j + h] / scale);
             act_s[sw128_offset(tw + col, inter)] = q.__x;
           }
         }
       }
       if (stid < T) amax[((pass + 1) & 1) * S + tw + stid] = 0;  // the other buffer is free now
+      if constexpr (kSplitN) {
+        // Copy the peer's 64 columns (4 of the 8 16-byte chunks of each token row, where the
+        // swizzle put them). The peer overwrites them only after the next sub-tile's first
+        // exchange, which this CTA reaches after these reads.
+        xc.sync(ctid, kConsumerThreads);
+        const int peer = b.rank ^ 1;
+        for (int i = ctid; i < S * 4; i += kConsumerThreads) {
+          const int t = i / 4;
+          const int offset = t * kKBlock + ((((peer * 4 + i % 4) ^ t) & 7) << 4);
+          *reinterpret_cast<float4*>(act_s + offset) =
+              ptx::ld_cluster_f32x4(ptx::cluster_addr(act_s + offset, peer));
+        }
+      }
       ptx::fence_proxy_async_smem();
-      ptx::named_barrier_sync(sync_id, kSyncThreads);
+      ptx::named_barrier_sync(kSplitN ? 1 : sync_id, kSplitN ? kConsumerThreads : kSyncThreads);
     }
 
     // ---- down projection and weighted accumulation into out ----
@@ -793,12 +841,13 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
 struct WeightMaps {
   CUtensorMap w, w2;                // 256-byte L2 promotion
   CUtensorMap w_stream, w2_stream;  // no promotion
+  CUtensorMap w_half, w_half_stream;  // up tiles of 128 rows, for N halves (else unset)
 };
 
 // A block with at least this many tokens is a full one (WeightMaps, BlockInfo::streamed).
 constexpr int kFullBlockTokens = 16;
 
-template <int T, int WGS, bool kHalves, bool kAllSlices>
+template <int T, int WGS, bool kHalves, bool kAllSlices, bool kSplitN>
 __global__ void __launch_bounds__((WGS + 1) * 128, 1)
     fused_moe_kernel(const __grid_constant__ WeightMaps weights, const FusedMoeParams p) {
   constexpr int S = kHalves ? WGS * T : T;  // tokens per sub-tile (see consume)
@@ -819,6 +868,10 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
     ptx::prefetch_tensor_map(&weights.w2);
     ptx::prefetch_tensor_map(&weights.w_stream);
     ptx::prefetch_tensor_map(&weights.w2_stream);
+    if (kSplitN) {
+      ptx::prefetch_tensor_map(&weights.w_half);
+      ptx::prefetch_tensor_map(&weights.w_half_stream);
+    }
   }
   // The routing values are independent loads, issued together: one memory latency before the
   // first TMA, not three. The neighbours' experts say whether this block is its expert's only
@@ -848,8 +901,9 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
   uint8_t* act = smem + p.stages * L::kStageBytes;  // FP8 intermediate, [act_tiles][T x 128]
   uint8_t* staging = act + act_tiles * L::kTokenTileBytes;  // [T][kStagingStride] bf16 rows
   float* partial = reinterpret_cast<float*>(staging + L::kStagingBytes);  // split > 1
+  const bool has_partial = p.split > 1 && !kSplitN;  // split units' partial sums
   uint32_t* amax = reinterpret_cast<uint32_t*>(reinterpret_cast<uint8_t*>(partial) +
-                                               (p.split > 1 ? L::kPartialBytes : 0));  // [2][S]
+                                               (has_partial ? L::kPartialBytes : 0));  // [2][S]
   float* act_scale = reinterpret_cast<float*>(amax + 2 * S);  // [act_tiles][S] if act_tiles > 1
   int32_t* tok_row = reinterpret_cast<int32_t*>(reinterpret_cast<uint8_t*>(act_scale) +
                                                 L::act_scale_bytes(act_tiles));  // [block_m]
@@ -861,19 +915,23 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
   const int kblocks = p.K / kKBlock;
   const int down_tiles = (p.K + kSliceRows - 1) / kSliceRows;
   const int rank = p.split > 1 ? int(ptx::cluster_ctarank()) : 0;
+  const int k_split = kSplitN ? 1 : p.split, k_rank = kSplitN ? 0 : rank;  // up K blocks
   const BlockInfo info{expert,
                        kAllSlices ? 0 : unit % slices,
                        kblocks,
                        (p.block_m + S - 1) / S,
                        kAllSlices ? slices : 1,
-                       rank * kblocks / p.split,
-                       (rank + 1) * kblocks / p.split,
+                       k_rank * kblocks / k_split,
+                       (k_rank + 1) * kblocks / k_split,
                        rank * down_tiles / p.split,
                        (rank + 1) * down_tiles / p.split,
                        p.split,
                        rank,
+                       kSplitN ? rank * kSliceRows / 2 : 0,
+                       kSplitN ? kSliceRows / 2 : kSliceRows,
                        full_block && only_block,
-                       full_block ? &weights.w_stream : &weights.w,
+                       kSplitN ? (full_block ? &weights.w_half_stream : &weights.w_half)
+                               : (full_block ? &weights.w_stream : &weights.w),
                        full_block ? &weights.w2_stream : &weights.w2,
                        tok_row,
                        tok_weight};
@@ -907,7 +965,7 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
     produce<S, kAllSlices>(p, info, ring, tid);
   } else {
     if constexpr (WGS > 1) ptx::setmaxnreg_inc<224>();
-    consume<T, WGS, kHalves, kAllSlices>(p, info, ring, act, staging, partial, amax, act_scale,
+    consume<T, WGS, kHalves, kAllSlices, kSplitN>(p, info, ring, act, staging, partial, amax, act_scale,
                     ClusterExchange{exchange, p.split}, tid - 128);
   }
 }

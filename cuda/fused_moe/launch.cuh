@@ -24,6 +24,7 @@ struct FusedMoeVariant {
   int tokens;
   int consumer_wgs;
   bool all_slices;  // one CTA per token block covers every N slice
+  bool split_n;     // a cluster of two CTAs shares each unit by N (kSplitN)
   // Shared memory of a config; `slices` = N / 256.
   int (*smem_bytes)(int stages, int block_m, int split, int slices);
   int (*launch)(const FusedMoeLaunch& l, int smem_bytes);
@@ -31,19 +32,19 @@ struct FusedMoeVariant {
   int (*max_clusters)(int smem_bytes, int split, int* count);
 };
 
-template <int T, int WGS, bool kHalves, bool kAllSlices>
+template <int T, int WGS, bool kHalves, bool kAllSlices, bool kSplitN>
 int fused_moe_smem_bytes(int stages, int block_m, int split, int slices) {
-  return SmemLayout<kHalves ? WGS * T : T, WGS>::total_bytes(stages, block_m, split,
+  return SmemLayout<kHalves ? WGS * T : T, WGS>::total_bytes(stages, block_m, kSplitN ? 1 : split,
                                                             kAllSlices ? slices : 1);
 }
 
 // Raising the dynamic shared-memory limit is per function and per device; do it once per
 // device at the largest size any config can ask for rather than on every call.
-template <int T, int WGS, bool kHalves, bool kAllSlices>
+template <int T, int WGS, bool kHalves, bool kAllSlices, bool kSplitN>
 int configure_kernel() {
   constexpr int kMaxDevices = 64;
   static std::atomic<bool> configured[kMaxDevices];
-  auto kernel = fused_moe_kernel<T, WGS, kHalves, kAllSlices>;
+  auto kernel = fused_moe_kernel<T, WGS, kHalves, kAllSlices, kSplitN>;
   int device = 0;
   AMOE_CUDA(cudaGetDevice(&device));
   if (device >= kMaxDevices || !configured[device].load(std::memory_order_acquire)) {
@@ -76,36 +77,36 @@ struct LaunchConfig {
   LaunchConfig(const LaunchConfig&) = delete;  // config.attrs points into this object
 };
 
-template <int T, int WGS, bool kHalves, bool kAllSlices>
+template <int T, int WGS, bool kHalves, bool kAllSlices, bool kSplitN>
 int fused_moe_launch(const FusedMoeLaunch& l, int smem_bytes) {
-  AMOE_TRY((configure_kernel<T, WGS, kHalves, kAllSlices>()));
+  AMOE_TRY((configure_kernel<T, WGS, kHalves, kAllSlices, kSplitN>()));
   const LaunchConfig c(l.grid, (WGS + 1) * 128, smem_bytes, l.stream, l.params.split);
-  return check_cuda(cudaLaunchKernelEx(&c.config, fused_moe_kernel<T, WGS, kHalves, kAllSlices>, l.weights,
+  return check_cuda(cudaLaunchKernelEx(&c.config, fused_moe_kernel<T, WGS, kHalves, kAllSlices, kSplitN>, l.weights,
                                        l.params),
                     "fused_moe_kernel launch");
 }
 
-template <int T, int WGS, bool kHalves, bool kAllSlices>
+template <int T, int WGS, bool kHalves, bool kAllSlices, bool kSplitN>
 int fused_moe_max_clusters(int smem_bytes, int split, int* count) {
-  AMOE_TRY((configure_kernel<T, WGS, kHalves, kAllSlices>()));
+  AMOE_TRY((configure_kernel<T, WGS, kHalves, kAllSlices, kSplitN>()));
   const LaunchConfig c(dim3(split), (WGS + 1) * 128, smem_bytes, nullptr, split);
   return check_cuda(
-      cudaOccupancyMaxActiveClusters(count, fused_moe_kernel<T, WGS, kHalves, kAllSlices>, &c.config),
+      cudaOccupancyMaxActiveClusters(count, fused_moe_kernel<T, WGS, kHalves, kAllSlices, kSplitN>, &c.config),
       "cudaOccupancyMaxActiveClusters");
 }
 
-#define AMOE_FUSED_MOE_VARIANT(T, WGS)                                                      \
-  FusedMoeVariant {                                                                         \
-    T, WGS, false, fused_moe_smem_bytes<T, WGS, false, false>,                              \
-        fused_moe_launch<T, WGS, false, false>, fused_moe_max_clusters<T, WGS, false, false> \
+// TOKENS per sub-tile; HALVES: T tokens per consumer warpgroup, each on its own tokens
+// against all 256 rows (kHalves); ALL: one CTA per token block for every N slice; SPLIT_N: a
+// cluster of two CTAs per unit, one per 128 rows of its slice.
+#define AMOE_FUSED_MOE_VARIANT_OF(TOKENS, T, WGS, HALVES, ALL, SPLIT_N)               \
+  FusedMoeVariant {                                                                  \
+    TOKENS, WGS, ALL, SPLIT_N, fused_moe_smem_bytes<T, WGS, HALVES, ALL, SPLIT_N>,   \
+        fused_moe_launch<T, WGS, HALVES, ALL, SPLIT_N>,                              \
+        fused_moe_max_clusters<T, WGS, HALVES, ALL, SPLIT_N>                         \
   }
-// T tokens per consumer warpgroup, each on its own tokens against all 256 rows (kHalves);
-// ALL: one CTA per token block for every N slice.
-#define AMOE_FUSED_MOE_HALVES_VARIANT(T, WGS, ALL)                                           \
-  FusedMoeVariant {                                                                         \
-    (T) * (WGS), WGS, ALL, fused_moe_smem_bytes<T, WGS, true, ALL>,                         \
-        fused_moe_launch<T, WGS, true, ALL>, fused_moe_max_clusters<T, WGS, true, ALL>       \
-  }
+#define AMOE_FUSED_MOE_VARIANT(T, WGS) AMOE_FUSED_MOE_VARIANT_OF(T, T, WGS, false, false, false)
+#define AMOE_FUSED_MOE_HALVES_VARIANT(T, WGS, ALL) \
+  AMOE_FUSED_MOE_VARIANT_OF((T) * (WGS), T, WGS, true, ALL, false)
 
 // Defined in fused_moe_wg1.cu / fused_moe_wg2.cu (split so they compile in parallel).
 extern const FusedMoeVariant kVariantsWg1[];
@@ -116,5 +117,9 @@ extern const int kVariantsWg2Count;
 // the second for N > 256, one CTA per token block for all slices.
 extern const FusedMoeVariant kVariantHalves;
 extern const FusedMoeVariant kVariantHalvesAllSlices;
+// N halves (split_n 2), two consumer warpgroups: per sub-tile size, and on token halves.
+extern const FusedMoeVariant kVariantsSplitN[];
+extern const int kVariantsSplitNCount;
+extern const FusedMoeVariant kVariantHalvesSplitN;
 
 }  // namespace amoe

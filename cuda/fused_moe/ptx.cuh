@@ -187,6 +187,11 @@ __device__ __forceinline__ float2 ld_cluster_f32x2(uint32_t addr) {
   asm volatile("ld.shared::cluster.v2.f32 {%0, %1}, [%2];" : "=f"(v.x), "=f"(v.y) : "r"(addr));
   return v;
 }
+__device__ __forceinline__ uint32_t ld_cluster_u32(uint32_t addr) {
+  uint32_t v;
+  asm volatile("ld.shared::cluster.u32 %0, [%1];" : "=r"(v) : "r"(addr));
+  return v;
+}
 
 // Arrives on the mbarrier at shared::cluster address `addr` (another CTA's, or this one's)
 // without ordering anything: put a fence_release_cluster_smem before it.

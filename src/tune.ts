@@ -21,6 +21,7 @@ import { loadedLibraryPath, symbols } from "../ffi/library.ts";
 import { DeviceBuffer } from "./buffer.ts";
 import {
   allSlicesAllowed,
+  type ConfigTable,
   defaultConfig,
   gpuShortName,
   type KernelConfig,
@@ -389,6 +390,11 @@ export interface SearchOptions {
   /** Also time this config in the last round (the default config, to report the gain). */
   baseline?: KernelConfig;
   /**
+   * Also time these in the last round, whatever the first rounds made of them: the table's
+   * current entry, so that a re-tune replaces it only after timing both the same way.
+   */
+  incumbents?: readonly KernelConfig[];
+  /**
    * Stop the first round at this time (of `now`), once `minFirstRound` configs are timed:
    * the remaining candidates are left out (they come last in the order given).
    */
@@ -433,7 +439,7 @@ function isConfigFailure(err: unknown): err is AlphaMoeError {
 /**
  * Successive halving over `candidates` (timed in the order given): round 1 times every one
  * briefly, each later round re-times the best `keep` of the round before with more launches,
- * the last round also times `baseline`. Configs whose launch fails with a non-fatal library
+ * the last round also times `baseline` and `incumbents`. Configs whose launch fails with a non-fatal library
  * error are skipped and reported; a fatal (sticky) CUDA error is thrown.
  *
  * @throws {RangeError} if nothing could be timed
@@ -498,8 +504,10 @@ export function searchConfigs(
     const round = rounds[ri];
     const last = ri === rounds.length - 1;
     const list = [...scored].sort((a, b) => a.us - b.us).slice(0, round.keep).map((m) => m.config);
-    if (last && options.baseline && !list.some((c) => sameConfig(c, options.baseline!))) {
-      list.push(options.baseline);
+    if (last) {
+      for (const c of [options.baseline, ...(options.incumbents ?? [])]) {
+        if (c !== undefined && !list.some((x) => sameConfig(x, c))) list.push(c);
+      }
     }
     // Each config's time is the mean of its series' medians: the series may run on different
     // routings (the tuner's last round), and a pooled median would hide one that is slower on
@@ -1108,6 +1116,23 @@ interface BatchContext {
   unfused: boolean;
   partialPath: string;
   tableName: string;
+  /** The table this run replaces, if there is one: its entries join each last round. */
+  current?: ConfigTable;
+}
+
+/** The table at `path` before this run replaces it; undefined if absent or unreadable. */
+async function readCurrentTable(
+  path: string,
+  reporter: TuneReporter,
+): Promise<ConfigTable | undefined> {
+  try {
+    return parseConfigTable(JSON.parse(await Deno.readTextFile(path)), path);
+  } catch (err) {
+    if (!(err instanceof Deno.errors.NotFound)) {
+      reporter.warn(`${path} is not a readable table (${(err as Error).message}); not timing it`);
+    }
+    return undefined;
+  }
 }
 
 /** The GPU part of {@link tuneConfigs}: times every batch size of `ctx.todo`. */
@@ -1210,9 +1235,11 @@ async function measureBatches(ctx: BatchContext, reporter: TuneReporter): Promis
           { warmup: run.warmup, iterations: run.iterations },
         ).samplesUs;
       };
+      const current = ctx.current?.get(M);
       const outcome = searchConfigs(ordered, measure, {
         rounds,
         baseline: def,
+        incumbents: current !== undefined ? [current] : [],
         deadline,
         onTimed: (done) => reporter.progress(configsDone + done, status(done)),
       });
@@ -1335,7 +1362,8 @@ export async function tuneConfigs(
         `checkKernelConfig refuses`,
       pruning: "block_m <= max(16, 2 x the busiest expert's slots rounded up to 8); " +
         "split > 1 only while units x split <= 2 x SMs; split_n 2 only while units <= 4 x SMs",
-      rounds: `${describeRounds(rounds)}; the last round's series each on its own routing draw`,
+      rounds: `${describeRounds(rounds)}; the last round's series each on its own routing draw; ` +
+        "the last round also times the default config and the replaced table's entry",
       keepDefaultWithin: KEEP_DEFAULT_WITHIN,
       budgetSeconds: budget,
       timing: "CUDA events around each launch on its own stream, L2 emptied (a buffer of twice " +
@@ -1477,6 +1505,7 @@ export async function tuneConfigs(
       unfused: options.unfused ?? true,
       partialPath,
       tableName,
+      current: await readCurrentTable(options.out, reporter),
     }, reporter);
   }
 

@@ -208,20 +208,20 @@ gpuTest("blocks of 72..128 tokens: both warpgroups' token halves, K % 256 == 128
   console.log(`32 configs of large blocks, worst relative L2 ${worst.toExponential(3)}`);
 });
 
+/**
+ * ~107 slots per expert over 3 experts, for blocks of up to 128 tokens; K = 640: 5 K blocks and
+ * 3 down tiles, the last half past K.
+ */
+function largeBlocks(N: number, seed: number): MoeProblem {
+  return makeRandomMoeProblem({ M: 160, K: 640, N, numExperts: 3, topK: 2, blockM: 8, seed });
+}
+
 gpuTest("all_slices: one CTA per token block over one, two and three N slices", () => {
   // Blocks of 72 and 80, with and without all_slices: with N > 256 one CTA covers every slice
   // of its token block and adds each output row once; N = 256 is the one-slice kernel either way.
   let worst = 0;
   for (const N of [256, 512, 768]) {
-    const p = makeRandomMoeProblem({
-      M: 160,
-      K: 640,
-      N,
-      numExperts: 3,
-      topK: 2,
-      blockM: 8,
-      seed: 6,
-    });
+    const p = largeBlocks(N, 6);
     using dev = new DeviceMoeProblem(p);
     const ref = references(dev, p, 8).requant;
     for (const blockM of [72, 80]) {
@@ -257,20 +257,12 @@ gpuTest("all_slices: one CTA per token block over one, two and three N slices", 
 gpuTest("split_n 2: N halves of every block size, both layouts, one to three slices", () => {
   // Each CTA of a pair multiplies 128 of a slice's 256 gate/up rows, the two swap their amax and
   // FP8 halves: the output matches the reference only if every token's scale covers both.
-  // K = 640: 5 K blocks and 3 down tiles (odd, so the pair's down shares differ), the last half
-  // past K. Blocks of 72 and 80 run on token halves, those above 80 in two sub-tiles.
+  // 3 down tiles: the pair's down shares differ. Blocks of 72 and 80 run on token halves, those
+  // above 80 in two sub-tiles.
   let worst = 0;
   let runs = 0;
   for (const N of [256, 512, 768]) {
-    const p = makeRandomMoeProblem({
-      M: 160,
-      K: 640,
-      N,
-      numExperts: 3,
-      topK: 2,
-      blockM: 8,
-      seed: 21,
-    });
+    const p = largeBlocks(N, 21);
     for (const layout of ["tiles", "rows"] as const) {
       using dev = new DeviceMoeProblem(p, { weightLayout: layout });
       const ref = references(dev, p, 8).requant;

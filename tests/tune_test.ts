@@ -195,6 +195,30 @@ Deno.test("searchConfigs: successive halving finds the minimum and times the bas
   assert.equal(configKey(chosen.config), "24/32/8/3");
 });
 
+Deno.test("searchConfigs: the replaced table's entry reaches the last round whatever round 1 said", () => {
+  // Round 1 sees the incumbent at twice its real time (one bad series) and would cut it; as an
+  // incumbent it is timed in the last round like the finalists, and wins there.
+  const incumbent = cfg(32, 32, 8, 5);
+  const measure: MeasureFn = (c, run) => {
+    const us = sameConfig(c, incumbent) ? (run.round === 0 ? 200 : 90) : 100 + c.blockM / 8;
+    return Array.from({ length: run.iterations }, () => us);
+  };
+  const rounds = [
+    { keep: Infinity, warmup: 0, iterations: 3, repeats: 1 },
+    { keep: 2, warmup: 0, iterations: 10, repeats: 2 },
+  ];
+  const space = [cfg(8, 32, 8, 2), cfg(16, 32, 8, 2), cfg(24, 32, 8, 2), incumbent];
+  const without = searchConfigs(space, measure, { rounds });
+  assert.ok(!without.ranked.some((m) => sameConfig(m.config, incumbent)));
+  const out = searchConfigs(space, measure, { rounds, incumbents: [incumbent] });
+  assert.deepEqual(out.ranked.map((m) => configKey(m.config)), [
+    "32/32/8/5",
+    "8/32/8/2",
+    "16/32/8/2",
+  ]);
+  assert.equal(configKey(chooseConfig(out).config), "32/32/8/5");
+});
+
 Deno.test("searchConfigs: each series says its round and repeat (the tuner's routing draws)", () => {
   const inner = syntheticMeasure();
   const seen = new Map<string, number>();

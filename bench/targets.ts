@@ -26,7 +26,8 @@ const HELP = `Usage: deno task bench:targets [options]
   --m LIST             token counts (default 1,8,32,128,512,2048,8192)
   --balancedness LIST  routing balancedness values (default 1,0.6)
   --fp8-tflops X       dense FP8 GEMM rate of this card, for the compute floor (no default:
-                       without it the M=8192 cells use the memory floor alone)
+                       without it the M=8192 cells use the memory floor alone); on the GPU
+                       machine: --fp8-tflops $(python3 bench/fp8_rate.py)
   --iterations N       timed launches per cell (default 50)
   --json FILE          write every cell as JSON
   -h, --help`;

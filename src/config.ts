@@ -207,10 +207,7 @@ export function parseConfigTable(json: unknown, source = "config table"): Config
     }
     const v = value as Record<string, unknown>;
     const c: KernelConfig = { blockM: 0, blockN: 0, warpN: 0, stages: 0 };
-    for (const [jsonName, name] of FIELDS) {
-      if (!(jsonName in v)) {
-        throw new ConfigError(`${where}: missing field "${jsonName}"`, key, jsonName);
-      }
+    const integer = (jsonName: string): number => {
       const x = v[jsonName];
       if (typeof x !== "number" || !Number.isSafeInteger(x)) {
         throw new ConfigError(
@@ -219,19 +216,15 @@ export function parseConfigTable(json: unknown, source = "config table"): Config
           jsonName,
         );
       }
-      c[name] = x;
-    }
-    if ("split" in v) {
-      const x = v.split;
-      if (typeof x !== "number" || !Number.isSafeInteger(x)) {
-        throw new ConfigError(
-          `${where}: field "split" must be an integer, got ${JSON.stringify(x)}`,
-          key,
-          "split",
-        );
+      return x;
+    };
+    for (const [jsonName, name] of FIELDS) {
+      if (!(jsonName in v)) {
+        throw new ConfigError(`${where}: missing field "${jsonName}"`, key, jsonName);
       }
-      c.split = x;
+      c[name] = integer(jsonName);
     }
+    if ("split" in v) c.split = integer("split");
     if ("all_slices" in v) {
       const x = v.all_slices;
       if (typeof x !== "boolean") {
@@ -244,14 +237,7 @@ export function parseConfigTable(json: unknown, source = "config table"): Config
       if (x) c.allSlices = true;
     }
     if ("split_n" in v) {
-      const x = v.split_n;
-      if (typeof x !== "number" || !Number.isSafeInteger(x)) {
-        throw new ConfigError(
-          `${where}: field "split_n" must be an integer, got ${JSON.stringify(x)}`,
-          key,
-          "split_n",
-        );
-      }
+      const x = integer("split_n");
       if (x !== 1) c.splitN = x;
     }
     const problem = findProblem(c);

@@ -10,7 +10,7 @@
  * @module
  */
 import { parseArgs } from "node:util";
-import type { KernelConfig } from "../src/config.ts";
+import { type KernelConfig, tailSplitAllowed } from "../src/config.ts";
 import { deviceInfo } from "../src/device.ts";
 import { checkKernelConfig } from "../src/fused_moe.ts";
 import { DeviceMoeProblem } from "../src/problem.ts";
@@ -38,6 +38,8 @@ const HELP = `Usage: deno task bench:kernel [options]
   --split LIST        splits of the grid (default 1,2,4,8,16; only those within two waves);
                       block_m 72 and 80 with (32, 8) are also timed with all_slices where N > 256
   --split-n           also time each (32, 8) config of split 1 with split_n 2
+  --tail-split LIST   also time each config of split 1 with these tail splits (e.g. 2,4,8;
+                      blocks of 72 and 80 take 2 only), where the launch has more units than SMs
   --flush HOW         how L2 is emptied before each launch: read (default), write, none
   --json FILE         write every measurement as JSON
   -h, --help`;
@@ -51,6 +53,7 @@ function candidates(
   smCount: number,
   slices: number,
   splitN: boolean,
+  tailSplits: number[],
 ): KernelConfig[] {
   const out: KernelConfig[] = [];
   for (const blockM of blockMs) {
@@ -63,6 +66,11 @@ function candidates(
             ...configVariants({ blockM, blockN, warpN, stages, split }, slices > 1, splitN)
               .filter((c) => worthSplitting(1, units(blockM), smCount, c.splitN)),
           );
+          if (split !== 1 || units(blockM) <= smCount) continue;
+          const base = { blockM, blockN, warpN, stages };
+          for (const tailSplit of tailSplits) {
+            if (tailSplitAllowed(base, tailSplit)) out.push({ ...base, tailSplit });
+          }
         }
       }
     }
@@ -83,6 +91,7 @@ async function main(): Promise<number> {
       stages: { type: "string", default: "2,3,4" },
       split: { type: "string", default: "1,2,4,8,16" },
       "split-n": { type: "boolean", default: false },
+      "tail-split": { type: "string", default: "" },
       flush: { type: "string", default: "read" },
       json: { type: "string" },
       help: { type: "boolean", short: "h", default: false },
@@ -128,6 +137,7 @@ async function main(): Promise<number> {
             smCount,
             N / 256,
             values["split-n"],
+            values["tail-split"] ? values["tail-split"].split(",").map(Number) : [],
           );
           for (const config of grid) {
             try {

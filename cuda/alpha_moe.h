@@ -25,7 +25,7 @@ extern "C" {
 #endif
 
 /* Bumped whenever a signature or a status code changes. */
-#define AMOE_ABI_VERSION 6
+#define AMOE_ABI_VERSION 7
 
 typedef enum amoe_status {
   AMOE_OK = 0,
@@ -88,10 +88,14 @@ AMOE_API int amoe_graph_destroy(void* graph_exec);
  * `split_n` (1 or 2): with 2, a cluster of two CTAs shares each unit by N instead, each
  * multiplying 128 of the slice's 256 gate/up rows (64 whole pairs) and taking half of the down
  * projection's output rows; for (block_n, warp_n) = (32, 8), split 1 and all_slices 0 only.
+ * `tail_split` (1..16): with more than 1, the units past the launch's last full wave (which
+ * would run while most SMs idle) run in a second launch that fills SMs as they free up, each
+ * shared by a cluster of tail_split CTAs: by K for block_m up to 64, by N halves for block_m
+ * 72 and 80 (tail_split 2 only); needs split 1, split_n 1 and all_slices 0. 1 = one launch.
  * Same result up to the order of f32 additions. */
 AMOE_API int amoe_fused_moe_check_config(int32_t K, int32_t N, int32_t block_m, int32_t block_n,
                                          int32_t warp_n, int32_t stages, int32_t split,
-                                         int32_t all_slices, int32_t split_n);
+                                         int32_t all_slices, int32_t split_n, int32_t tail_split);
 
 /* How `w` and `w2` are stored (amoe_fused_moe_w8a8_up_down's weight_layout).
  * AMOE_WEIGHTS_ROWS: row-major, w [E, N, K] and w2 [E, K, N/2] (the seed's and vLLM's layout).
@@ -134,8 +138,8 @@ AMOE_API int amoe_fused_moe_w8a8_up_down(
     const int32_t* num_tokens_post_padded, const float* topk_weights, void* out, int32_t M,
     int32_t K, int32_t N, int32_t num_experts, int32_t top_k, int32_t sorted_len,
     int32_t block_m, int32_t block_n, int32_t warp_n, int32_t stages, int32_t split,
-    int32_t all_slices, int32_t split_n, int32_t weight_layout, float scaling_factor,
-    void* stream);
+    int32_t all_slices, int32_t split_n, int32_t tail_split, int32_t weight_layout,
+    float scaling_factor, void* stream);
 
 /* ---- routing, alignment, quantisation ---- */
 /* The steps before the fused kernel. All asynchronous on `stream`; no allocation. Device

@@ -20,6 +20,7 @@ constexpr int kMaxDevices = 64;
 
 struct Config {
   int block_m, block_n, warp_n, stages, split, all_slices, split_n;
+  int tail_split = 1;  // CTAs per unit of the tail launch (1: no tail launch)
   int cluster() const { return split_n == 2 ? 2 : split; }  // CTAs per unit
 };
 
@@ -152,6 +153,69 @@ int check_clusters(const Config& c, const FusedMoeVariant* variant, int smem) {
   return AMOE_OK;
 }
 
+// How many clusters of a config's CTAs run at once, queried once per (device, variant, size).
+int resident_clusters(const FusedMoeVariant* variant, int smem, int cluster, int* count) {
+  struct Entry {
+    int device;
+    const FusedMoeVariant* variant;
+    int smem, cluster, count;
+  };
+  static std::mutex mutex;
+  static Entry entries[64];
+  static int used = 0;
+  int device = 0;
+  AMOE_CUDA(cudaGetDevice(&device));
+  {
+    std::lock_guard<std::mutex> lock(mutex);
+    for (int i = 0; i < used; ++i) {
+      const Entry& e = entries[i];
+      if (e.device == device && e.variant == variant && e.smem == smem && e.cluster == cluster) {
+        *count = e.count;
+        return AMOE_OK;
+      }
+    }
+  }
+  AMOE_TRY(variant->max_clusters(smem, cluster, count));
+  std::lock_guard<std::mutex> lock(mutex);
+  entries[used < 64 ? used++ : device % 64] = Entry{device, variant, smem, cluster, *count};
+  return AMOE_OK;
+}
+
+// Tail units (bench/NOTES.md, item 57): the units past the last full wave of a launch run
+// alone while most SMs idle. With tail_split > 1 they run in a launch of their own, after
+// the main one, as clusters that share each unit: split units (K) for blocks of up to 64 tokens, N halves
+// for the token-halves blocks (72, 80), whose partial sums would not fit. Its ring has as many
+// stages as fit, up to the main config's.
+int resolve_tail(const Config& c, int N, Config* tail, const FusedMoeVariant** variant,
+                 int* smem) {
+  if (c.tail_split < 1 || c.tail_split > kMaxSplit) {
+    return fail(AMOE_ERR_UNSUPPORTED, "tail_split %d is not supported: valid values are 1..%d",
+                c.tail_split, kMaxSplit);
+  }
+  if (c.split != 1 || c.split_n != 1 || c.all_slices) {
+    return fail(AMOE_ERR_UNSUPPORTED,
+                "tail_split needs split 1, split_n 1 and all_slices 0, got split %d, split_n %d, "
+                "all_slices %d",
+                c.split, c.split_n, c.all_slices);
+  }
+  const bool halves = consumer_wgs_for(c.block_n, c.warp_n) == 2 && c.block_m > 64 &&
+                      c.block_m <= kVariantHalves.tokens;
+  if (halves && c.tail_split != 2) {
+    return fail(AMOE_ERR_UNSUPPORTED,
+                "block_m %d runs its tail units as N halves: tail_split must be 2, got %d",
+                c.block_m, c.tail_split);
+  }
+  *tail = c;
+  tail->split = halves ? 1 : c.tail_split;
+  tail->split_n = halves ? 2 : 1;
+  tail->tail_split = 1;
+  for (tail->stages = c.stages;; --tail->stages) {
+    const int status = resolve_config(*tail, N, variant, smem);
+    if (status == AMOE_OK) return check_clusters(*tail, *variant, *smem);
+    if (tail->stages == 1) return status;
+  }
+}
+
 // ---- TMA tensor maps, encoded through the driver entry point (no link against libcuda) ----
 
 PFN_cuTensorMapEncodeTiled_v12000 encode_fn() {
@@ -272,16 +336,19 @@ extern "C" {
 
 int amoe_fused_moe_check_config(int32_t K, int32_t N, int32_t block_m, int32_t block_n,
                                 int32_t warp_n, int32_t stages, int32_t split,
-                                int32_t all_slices, int32_t split_n) {
+                                int32_t all_slices, int32_t split_n, int32_t tail_split) {
   using namespace amoe;
   AMOE_REQUIRE(K > 0 && K % 128 == 0, "K must be a positive multiple of 128, got %d", K);
   AMOE_REQUIRE(N > 0 && N % 256 == 0, "N must be a positive multiple of 256, got %d", N);
-  const Config c{block_m, block_n, warp_n, stages, split, all_slices, split_n};
+  const Config c{block_m, block_n, warp_n, stages, split, all_slices, split_n, tail_split};
   const FusedMoeVariant* variant = nullptr;
   int smem = 0;
   AMOE_TRY(select_device());
   AMOE_TRY(resolve_config(c, N, &variant, &smem));
-  return check_clusters(c, variant, smem);
+  AMOE_TRY(check_clusters(c, variant, smem));
+  if (c.tail_split == 1) return AMOE_OK;
+  Config tail;
+  return resolve_tail(c, N, &tail, &variant, &smem);
 }
 
 int amoe_fused_moe_w8a8_up_down(const void* x, const float* x_scale, const void* w,
@@ -291,8 +358,8 @@ int amoe_fused_moe_w8a8_up_down(const void* x, const float* x_scale, const void*
                                 void* out, int32_t M, int32_t K, int32_t N, int32_t num_experts,
                                 int32_t top_k, int32_t sorted_len, int32_t block_m, int32_t block_n,
                                 int32_t warp_n, int32_t stages, int32_t split,
-                                int32_t all_slices, int32_t split_n, int32_t weight_layout,
-                                float scaling_factor, void* stream) {
+                                int32_t all_slices, int32_t split_n, int32_t tail_split,
+                                int32_t weight_layout, float scaling_factor, void* stream) {
   using namespace amoe;
   AMOE_REQUIRE(x && x_scale && w && w_scale && w2 && w2_scale && sorted_token_ids && expert_ids &&
                    num_tokens_post_padded && topk_weights && out,
@@ -315,11 +382,15 @@ int amoe_fused_moe_w8a8_up_down(const void* x, const float* x_scale, const void*
                    aligned(w2_scale, 4) && aligned(topk_weights, 4) &&
                    aligned(sorted_token_ids, 4) && aligned(expert_ids, 4),
                "scale, weight, id and output pointers must be 4-byte aligned");
-  const Config c{block_m, block_n, warp_n, stages, split, all_slices, split_n};
+  const Config c{block_m, block_n, warp_n, stages, split, all_slices, split_n, tail_split};
   const FusedMoeVariant* variant = nullptr;
   int smem = 0;
   AMOE_TRY(select_device());
   AMOE_TRY(resolve_config(c, N, &variant, &smem));
+  Config tail;
+  const FusedMoeVariant* tail_variant = nullptr;
+  int tail_smem = 0;
+  if (c.tail_split > 1) AMOE_TRY(resolve_tail(c, N, &tail, &tail_variant, &tail_smem));
   if (M == 0 || sorted_len == 0) return AMOE_OK;
 
   int device = 0;
@@ -329,7 +400,7 @@ int amoe_fused_moe_w8a8_up_down(const void* x, const float* x_scale, const void*
   for (const bool promote : {true, false}) {  // the two versions of WeightMaps
     AMOE_TRY(tensor_map(w_key(device, w, K, N, num_experts, tiled, promote, kSliceRows),
                         promote ? &l.weights.w : &l.weights.w_stream));
-    if (variant->split_n) {
+    if (variant->split_n || (tail_variant && tail_variant->split_n)) {
       AMOE_TRY(tensor_map(w_key(device, w, K, N, num_experts, tiled, promote, kSliceRows / 2),
                           promote ? &l.weights.w_half : &l.weights.w_half_stream));
     }
@@ -340,7 +411,8 @@ int amoe_fused_moe_w8a8_up_down(const void* x, const float* x_scale, const void*
                             static_cast<const uint8_t*>(x), x_scale,
                             w_scale, w2_scale, topk_weights,
                             static_cast<__nv_bfloat16*>(out), M, K, N, top_k, block_m, stages,
-                            c.cluster(), tiled ? 1 : 0, sorted_len, scaling_factor};
+                            c.cluster(), tiled ? 1 : 0, sorted_len, scaling_factor,
+                            kWholeLaunch, 0, 0};
   // moe_align_block_size pads each expert's run of slots to a multiple of block_m, so at most
   // floor(slots / block_m) + min(E, slots) blocks hold tokens; the rest of sorted_len is
   // padding whose CTAs would only start and exit (at M=1 on E=257, 217 of 226 blocks: 13 waves
@@ -352,7 +424,30 @@ int amoe_fused_moe_w8a8_up_down(const void* x, const float* x_scale, const void*
   AMOE_REQUIRE(ctas <= INT32_MAX, "too many token blocks x N slices x split for one launch");
   l.grid = dim3(unsigned(ctas), 1, 1);
   l.stream = static_cast<cudaStream_t>(stream);
-  return variant->launch(l, smem);
+  if (c.tail_split == 1) return variant->launch(l, smem);
+
+  // Tail units: which units they are depends on the routing, so both launches work it out on
+  // the device (tail_units) from the units per wave of the main launch and the tail clusters
+  // that fit at once. The tail launch comes second, as a programmatic dependent: its CTAs take
+  // SMs as the main launch's last wave frees them, and wait for the main launch before they
+  // exit.
+  int wave = 0, room = 0;
+  AMOE_TRY(resident_clusters(variant, smem, 1, &wave));
+  AMOE_TRY(resident_clusters(tail_variant, tail_smem, tail.cluster(), &room));
+  AMOE_REQUIRE(wave > 0 && room > 0, "the device runs no CTA of this config");
+  FusedMoeLaunch t = l;
+  t.params.stages = tail.stages;
+  t.params.split = tail.cluster();
+  t.params.tail_part = kTailUnits;
+  t.params.tail_wave = wave;
+  t.params.tail_room = room;
+  t.grid = dim3(unsigned(std::min<int64_t>(room, wave - 1) * tail.cluster()), 1, 1);
+  t.dependent = true;
+  l.params.tail_part = kMainUnits;
+  l.params.tail_wave = wave;
+  l.params.tail_room = room;
+  AMOE_TRY(variant->launch(l, smem));
+  return tail_variant->launch(t, tail_smem);
 }
 
 }  // extern "C"

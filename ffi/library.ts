@@ -47,7 +47,7 @@ import { SYMBOLS, type Symbols } from "./symbols.ts";
 export { CACHE_ENV } from "./cache.ts";
 
 /** The ABI version this module speaks; `amoe_abi_version()` must return it. */
-export const ABI_VERSION = 6;
+export const ABI_VERSION = 7;
 /** The environment variable that names the library to load. */
 export const LIBRARY_ENV = "ALPHA_MOE_LIB";
 /** The command that builds the default library. */

@@ -99,10 +99,10 @@ export const SYMBOLS = {
   /**
    * int amoe_fused_moe_check_config(int32_t K, int32_t N, int32_t block_m, int32_t block_n,
    *                                 int32_t warp_n, int32_t stages, int32_t split,
-   *                                 int32_t all_slices, int32_t split_n);
+   *                                 int32_t all_slices, int32_t split_n, int32_t tail_split);
    */
   amoe_fused_moe_check_config: {
-    parameters: ["i32", "i32", "i32", "i32", "i32", "i32", "i32", "i32", "i32"],
+    parameters: ["i32", "i32", "i32", "i32", "i32", "i32", "i32", "i32", "i32", "i32"],
     result: "i32",
   },
   /**
@@ -113,8 +113,8 @@ export const SYMBOLS = {
    *     const float* topk_weights, void* out, int32_t M, int32_t K, int32_t N,
    *     int32_t num_experts, int32_t top_k, int32_t sorted_len, int32_t block_m,
    *     int32_t block_n, int32_t warp_n, int32_t stages, int32_t split,
-   *     int32_t all_slices, int32_t split_n, int32_t weight_layout, float scaling_factor,
-   *     void* stream);
+   *     int32_t all_slices, int32_t split_n, int32_t tail_split, int32_t weight_layout,
+   *     float scaling_factor, void* stream);
    *
    * All eleven array arguments are device pointers.
    */
@@ -144,6 +144,7 @@ export const SYMBOLS = {
       "i32", // split
       "i32", // all_slices
       "i32", // split_n
+      "i32", // tail_split (1: one launch)
       "i32", // weight_layout (AMOE_WEIGHTS_ROWS 0, AMOE_WEIGHTS_TILES 1)
       "f32", // scaling_factor
       "pointer", // stream

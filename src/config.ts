@@ -44,6 +44,14 @@ export interface KernelConfig {
    * 1 and no `allSlices`. Absent: 1.
    */
   splitN?: number;
+  /**
+   * CTAs per unit for the units past a launch's last full wave, 1..16: with more than 1 they
+   * run first, in a launch of their own, each shared by a cluster of that many CTAs (by K for
+   * `blockM` up to 64, by N halves for 72 and 80, which take 2 only), so that the last wave
+   * does not run on a few SMs. Only with `split` 1, `splitN` 1 and no `allSlices`. Absent: 1,
+   * one launch.
+   */
+  tailSplit?: number;
 }
 
 /** A parsed table: token count -> config, iterating in ascending token count. */
@@ -137,6 +145,21 @@ function findProblem(c: KernelConfig): Problem | undefined {
         `(${c.blockN}, ${c.warpN}), split ${split}, all_slices ${c.allSlices ?? false}`,
     };
   }
+  const tailSplit = c.tailSplit ?? 1;
+  if (!Number.isSafeInteger(tailSplit) || tailSplit < 1 || tailSplit > SPLIT_RANGE[1]) {
+    return {
+      field: "tail_split",
+      message: `tail_split must be an integer in 1..${SPLIT_RANGE[1]}, got ${tailSplit}`,
+    };
+  }
+  if (tailSplit > 1 && !tailSplitAllowed(c, tailSplit)) {
+    return {
+      field: "tail_split",
+      message: `tail_split ${tailSplit} needs split 1, split_n 1 and no all_slices, and 2 for ` +
+        `block_m 72 or 80 with (32, 8); got block_m ${c.blockM}, (${c.blockN}, ${c.warpN}), ` +
+        `split ${split}, split_n ${splitN}, all_slices ${c.allSlices ?? false}`,
+    };
+  }
   if (c.allSlices && !allSlicesAllowed(c)) {
     return {
       field: "all_slices",
@@ -151,6 +174,12 @@ function findProblem(c: KernelConfig): Problem | undefined {
 export function allSlicesAllowed(c: KernelConfig): boolean {
   return (c.blockM === 72 || c.blockM === 80) && c.blockN === 32 && c.warpN === 8 &&
     (c.split ?? 1) === 1;
+}
+
+/** Whether a config can take `tailSplit` n > 1 (see {@link KernelConfig.tailSplit}). */
+export function tailSplitAllowed(c: KernelConfig, n: number): boolean {
+  const halves = c.blockN === 32 && c.warpN === 8 && c.blockM > 64 && c.blockM <= 80;
+  return (c.split ?? 1) === 1 && (c.splitN ?? 1) === 1 && !c.allSlices && (!halves || n === 2);
 }
 
 /** Whether a config can take `splitN` 2 (see {@link KernelConfig.splitN}). */
@@ -239,6 +268,10 @@ export function parseConfigTable(json: unknown, source = "config table"): Config
     if ("split_n" in v) {
       const x = integer("split_n");
       if (x !== 1) c.splitN = x;
+    }
+    if ("tail_split" in v) {
+      const x = integer("tail_split");
+      if (x !== 1) c.tailSplit = x;
     }
     const problem = findProblem(c);
     if (problem !== undefined) {

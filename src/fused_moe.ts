@@ -230,6 +230,7 @@ export function fusedMoeW8A8UpDown(
       config.split ?? 1,
       config.allSlices ? 1 : 0,
       config.splitN ?? 1,
+      config.tailSplit ?? 1,
       layout === "tiles" ? 1 : 0,
       scalingFactor,
       stream,
@@ -255,6 +256,7 @@ export function checkKernelConfig(K: number, N: number, config: KernelConfig): v
       config.split ?? 1,
       config.allSlices ? 1 : 0,
       config.splitN ?? 1,
+      config.tailSplit ?? 1,
     ),
   );
 }

@@ -27,6 +27,7 @@ import {
   type KernelConfig,
   parseConfigTable,
   splitNAllowed,
+  tailSplitAllowed,
   VALID_BLOCK_N_WARP_N,
 } from "./config.ts";
 import { type DeviceInfo, requireHopper } from "./device.ts";
@@ -257,6 +258,25 @@ export function configVariants(
 }
 
 /**
+ * Tail splits the tuner tries ({@link tailVariants}): clusters of 2 to 8 CTAs per unit of the
+ * last wave (bench/NOTES.md, item 57).
+ */
+export const TUNE_TAIL_SPLITS: readonly number[] = Object.freeze([2, 4, 8]);
+
+/**
+ * `c` with each tail split of {@link TUNE_TAIL_SPLITS} it can take ({@link tailSplitAllowed}),
+ * for a launch of `units` units on `smCount` SMs; none when the units fit in one wave (there is
+ * no tail) or `c` has a tail split already.
+ */
+export function tailVariants(c: KernelConfig, units: number, smCount: number): KernelConfig[] {
+  if (units <= smCount || (c.tailSplit ?? 1) > 1) return [];
+  return TUNE_TAIL_SPLITS.filter((n) => tailSplitAllowed(c, n)).map((n) => ({
+    ...c,
+    tailSplit: n,
+  }));
+}
+
+/**
  * Units of work (token blocks x 256-row N slices) of a launch with `blockM`, for `counts` slots
  * per expert.
  */
@@ -292,20 +312,23 @@ export function blockMLimit(maxTokensPerExpert: number): number {
 }
 
 /**
- * `block_m/block_n/warp_n/stages`, then `xSPLIT` when split > 1, `/all` with allSlices and `/n2`
- * with splitN 2: `16/32/8/4`, `8/64/4/3x8`, `80/32/8/3/all`, `80/32/8/4/n2`.
+ * `block_m/block_n/warp_n/stages`, then `xSPLIT` when split > 1, `/all` with allSlices, `/n2`
+ * with splitN 2 and `/tN` with tailSplit N: `16/32/8/4`, `8/64/4/3x8`, `80/32/8/3/all`,
+ * `80/32/8/4/n2`, `32/32/8/5/t4`.
  */
 export function configKey(c: KernelConfig): string {
   const split = c.split ?? 1;
   return `${c.blockM}/${c.blockN}/${c.warpN}/${c.stages}${split > 1 ? `x${split}` : ""}` +
-    (c.allSlices ? "/all" : "") + ((c.splitN ?? 1) > 1 ? `/n${c.splitN}` : "");
+    (c.allSlices ? "/all" : "") + ((c.splitN ?? 1) > 1 ? `/n${c.splitN}` : "") +
+    ((c.tailSplit ?? 1) > 1 ? `/t${c.tailSplit}` : "");
 }
 
-/** Same seven fields (an absent split or splitN is 1, an absent allSlices false). */
+/** Same eight fields (an absent split, splitN or tailSplit is 1, an absent allSlices false). */
 export function sameConfig(a: KernelConfig, b: KernelConfig): boolean {
   return a.blockM === b.blockM && a.blockN === b.blockN && a.warpN === b.warpN &&
     a.stages === b.stages && (a.split ?? 1) === (b.split ?? 1) &&
-    (a.allSlices ?? false) === (b.allSlices ?? false) && (a.splitN ?? 1) === (b.splitN ?? 1);
+    (a.allSlices ?? false) === (b.allSlices ?? false) && (a.splitN ?? 1) === (b.splitN ?? 1) &&
+    (a.tailSplit ?? 1) === (b.tailSplit ?? 1);
 }
 
 /**
@@ -395,6 +418,11 @@ export interface SearchOptions {
    */
   incumbents?: readonly KernelConfig[];
   /**
+   * Configs to time in the last round beside each finalist (e.g. {@link tailVariants}): options
+   * that change only how a launch ends, whose worth shows only once the base config is good.
+   */
+  lastRoundVariants?: (c: KernelConfig) => KernelConfig[];
+  /**
    * Stop the first round at this time (of `now`), once `minFirstRound` configs are timed:
    * the remaining candidates are left out (they come last in the order given).
    */
@@ -439,7 +467,8 @@ function isConfigFailure(err: unknown): err is AlphaMoeError {
 /**
  * Successive halving over `candidates` (timed in the order given): round 1 times every one
  * briefly, each later round re-times the best `keep` of the round before with more launches,
- * the last round also times `baseline` and `incumbents`. Configs whose launch fails with a non-fatal library
+ * the last round also times `lastRoundVariants` of its configs, `baseline` and `incumbents`.
+ * Configs whose launch fails with a non-fatal library
  * error are skipped and reported; a fatal (sticky) CUDA error is thrown.
  *
  * @throws {RangeError} if nothing could be timed
@@ -505,7 +534,8 @@ export function searchConfigs(
     const last = ri === rounds.length - 1;
     const list = [...scored].sort((a, b) => a.us - b.us).slice(0, round.keep).map((m) => m.config);
     if (last) {
-      for (const c of [options.baseline, ...(options.incumbents ?? [])]) {
+      const variants = list.flatMap((c) => options.lastRoundVariants?.(c) ?? []);
+      for (const c of [...variants, options.baseline, ...(options.incumbents ?? [])]) {
         if (c !== undefined && !list.some((x) => sameConfig(x, c))) list.push(c);
       }
     }
@@ -680,7 +710,8 @@ export interface TuneResultsFile {
 
 /**
  * A table in the seed's format: `{"<tokens>": {"block_m", "block_n", "warp_n", "stages"}}`, plus
- * `"split"` on entries whose split is above 1, `"all_slices": true` and `"split_n": 2` where set
+ * `"split"` on entries whose split is above 1, `"all_slices": true`, `"split_n": 2` and
+ * `"tail_split"` where set
  * (ours; the seed has none of these fields), keys
  * in ascending numeric order, one entry per line, nothing else, so that the seed's
  * `get_best_config` (which calls `int()` on every key) reads it as well as {@link
@@ -692,7 +723,8 @@ export function tableJson(entries: Iterable<readonly [number, KernelConfig]>): s
     `  "${m}": {"block_m": ${c.blockM}, "block_n": ${c.blockN}, "warp_n": ${c.warpN}, ` +
     `"stages": ${c.stages}${(c.split ?? 1) > 1 ? `, "split": ${c.split}` : ""}` +
     `${c.allSlices ? `, "all_slices": true` : ""}` +
-    `${(c.splitN ?? 1) > 1 ? `, "split_n": ${c.splitN}` : ""}}`
+    `${(c.splitN ?? 1) > 1 ? `, "split_n": ${c.splitN}` : ""}` +
+    `${(c.tailSplit ?? 1) > 1 ? `, "tail_split": ${c.tailSplit}` : ""}}`
   );
   const text = `{\n${lines.join(",\n")}\n}\n`;
   parseConfigTable(JSON.parse(text), "tableJson"); // never write what we could not read back
@@ -1240,6 +1272,8 @@ async function measureBatches(ctx: BatchContext, reporter: TuneReporter): Promis
         rounds,
         baseline: def,
         incumbents: current !== undefined ? [current] : [],
+        lastRoundVariants: (c) =>
+          tailVariants(c, unitsOfWork(plan.counts, c.blockM, N), info.smCount),
         deadline,
         onTimed: (done) => reporter.progress(configsDone + done, status(done)),
       });

@@ -7,6 +7,7 @@
  * run at block_m 80 per N of 256 and 768 covers the warpgroups on separate token halves, over one
  * N slice and over three in one CTA, each also as N halves (split_n 2: pairs of CTAs that swap
  * their amax and FP8 halves through distributed shared memory), as is block_m 8 with (32, 8).
+ * A last problem has more units than SMs, and runs its last wave's units as tail units.
  * `--child` is the part that runs under the sanitizer.
  *
  * @module
@@ -14,7 +15,8 @@
 import $ from "@david/dax";
 import { DeviceMoeProblem } from "../src/problem.ts";
 import type { KernelConfig } from "../src/config.ts";
-import { makeRandomMoeProblem, type MoeProblem } from "../src/random.ts";
+import { deviceInfo } from "../src/device.ts";
+import { makeProblemWithTail, makeRandomMoeProblem, type MoeProblem } from "../src/random.ts";
 import { fusedMoeReference, relativeL2 } from "../src/reference.ts";
 import { buildLibrary } from "./nvcc.ts";
 
@@ -68,6 +70,18 @@ function child(): void {
       );
     }
   }
+  // More units than one wave: the last wave's units run in a second, dependent launch, as
+  // clusters of 4 CTAs that split each unit by K.
+  const { smCount } = deviceInfo();
+  const opts = { M: 200, K: 256, N: 512, numExperts: 16, topK: 4, blockM: 8, seed: 13 };
+  const tail = makeProblemWithTail(opts, 8, 4, smCount);
+  using dev = new DeviceMoeProblem(tail);
+  check(
+    dev,
+    reference(dev, tail),
+    { blockM: 8, blockN: 32, warpN: 8, stages: 2, split: 1, tailSplit: 4 },
+    `tiles, M ${tail.M}`,
+  );
 }
 
 function reference(dev: DeviceMoeProblem, p: MoeProblem): Float32Array {
@@ -83,7 +97,8 @@ function check(
   dev.run(config);
   const err = relativeL2(dev.readOut(), ref);
   const what = `${weightLayout}, block_m ${config.blockM} (${config.blockN}, ${config.warpN}) ` +
-    `split ${config.split}` + ((config.splitN ?? 1) > 1 ? ` split_n ${config.splitN}` : "");
+    `split ${config.split}` + ((config.splitN ?? 1) > 1 ? ` split_n ${config.splitN}` : "") +
+    ((config.tailSplit ?? 1) > 1 ? ` tail_split ${config.tailSplit}` : "");
   console.log(`${what}: relative L2 ${err.toExponential(3)}`);
   if (!(err <= 1e-2)) throw new Error(`${what} is wrong under the sanitizer`);
 }

@@ -12,6 +12,7 @@ import {
   loadConfigTableSync,
   parseConfigTable,
   selectConfig,
+  tailSplitAllowed,
   VALID_BLOCK_N_WARP_N,
 } from "../src/config.ts";
 
@@ -311,6 +312,43 @@ Deno.test("parse: split_n is optional (absent = 1), 1 or 2, 2 only for (32, 8) s
       "split_n",
     );
   }
+});
+
+Deno.test("parse: tail_split is optional (absent = 1), 1..16, 2 only for blocks of 72-80 with (32, 8)", () => {
+  const base = { block_m: 32, block_n: 32, warp_n: 8, stages: 4 };
+  const t = parseConfigTable({
+    "512": { ...base, tail_split: 8 },
+    "1024": { ...base, tail_split: 1 },
+    "2048": { ...base, block_m: 80, tail_split: 2 },
+  });
+  assert.equal(t.get(512)!.tailSplit, 8);
+  assert.equal(t.get(1024)!.tailSplit, undefined);
+  assert.equal(t.get(2048)!.tailSplit, 2);
+  assertConfigError(
+    () => parseConfigTable({ "1": { ...base, tail_split: "4" } }),
+    /field "tail_split" must be an integer/,
+    "1",
+    "tail_split",
+  );
+  assertConfigError(
+    () => parseConfigTable({ "1": { ...base, tail_split: 17 } }),
+    /key "1": tail_split must be an integer in 1..16, got 17/,
+    "1",
+    "tail_split",
+  );
+  for (
+    const bad of [{ split: 2 }, { split_n: 2 }, { block_m: 80, all_slices: true }, {
+      block_m: 80,
+    }]
+  ) {
+    assertConfigError(
+      () => parseConfigTable({ "1": { ...base, tail_split: 4, ...bad } }),
+      /key "1": tail_split 4 needs split 1, split_n 1 and no all_slices, and 2 for block_m 72 or 80/,
+      "1",
+      "tail_split",
+    );
+  }
+  assert.ok(tailSplitAllowed({ blockM: 80, blockN: 64, warpN: 4, stages: 3 }, 4));
 });
 
 Deno.test("parse: all_slices is optional (absent = false), a boolean, only for 72/80 (32, 8) split 1", () => {

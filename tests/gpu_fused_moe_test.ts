@@ -4,11 +4,11 @@ import assert from "node:assert/strict";
 import { DeviceBuffer } from "../src/buffer.ts";
 import { decodeBf16, encodeBf16 } from "../src/codecs.ts";
 import type { KernelConfig } from "../src/config.ts";
-import { CudaGraph, Stream } from "../src/device.ts";
+import { CudaGraph, deviceInfo, Stream } from "../src/device.ts";
 import { checkKernelConfig, fusedMoeW8A8UpDown, type WeightLayout } from "../src/fused_moe.ts";
 import { interleaveGateUp } from "../src/interleave.ts";
 import { DeviceMoeProblem } from "../src/problem.ts";
-import { makeRandomMoeProblem, type MoeProblem } from "../src/random.ts";
+import { makeProblemWithTail, makeRandomMoeProblem, type MoeProblem } from "../src/random.ts";
 import { fusedMoeReference, relativeL2 } from "../src/reference.ts";
 import { loadSafetensors } from "../src/safetensors.ts";
 import { InvalidArgumentError, UnsupportedError } from "../ffi/errors.ts";
@@ -302,6 +302,50 @@ gpuTest("split_n 2: N halves of every block size, both layouts, one to three sli
     () => checkKernelConfig(7168, 512, { ...cfg(80, 32, 8, 3), splitN: 3 }),
     (e: unknown) =>
       e instanceof UnsupportedError && /split_n must be 1 or 2, got 3/.test(e.message),
+  );
+});
+
+gpuTest("tail units: the last wave's units as clusters of a launch of their own", () => {
+  // The units past the main launch's last full wave run first, shared by tail_split CTAs (K
+  // split up to block_m 64, N halves at 80); the main launch skips them and waits for them.
+  // Each problem leaves such a tail, so a unit that both launches or neither ran shows here.
+  const { smCount } = deviceInfo();
+  let worst = 0;
+  let runs = 0;
+  for (const N of [256, 512]) {
+    for (
+      const [blockM, M, splits] of [[8, 200, [2, 4, 8]], [32, 500, [2, 4]], [80, 1400, [
+        2,
+      ]]] as const
+    ) {
+      for (const tailSplit of splits) {
+        const p = makeProblemWithTail(
+          { M: N === 256 ? 2 * M : M, K: 256, N, numExperts: 16, topK: 4, blockM: 8, seed: 31 },
+          blockM,
+          blockM > 64 ? 2 : tailSplit,
+          smCount,
+        );
+        using dev = new DeviceMoeProblem(p);
+        const ref = references(dev, p, 8).requant;
+        for (const stages of [2, 4]) {
+          dev.run({ ...cfg(blockM, 32, 8, stages), tailSplit });
+          const what = `N ${N} M ${p.M} block_m ${blockM} stages ${stages} tail_split ${tailSplit}`;
+          worst = Math.max(worst, assertClose(dev.readOut(), ref, what));
+          runs++;
+        }
+      }
+    }
+  }
+  console.log(`${runs} configs with tail units, worst relative L2 ${worst.toExponential(3)}`);
+  for (const bad of [cfg(16, 32, 8, 3, 2), { ...cfg(16, 32, 8, 3), splitN: 2 }]) {
+    assert.throws(
+      () => checkKernelConfig(7168, 512, { ...bad, tailSplit: 2 }),
+      (e: unknown) => e instanceof UnsupportedError && /tail_split needs/.test(e.message),
+    );
+  }
+  assert.throws(
+    () => checkKernelConfig(7168, 512, { ...cfg(80, 32, 8, 3), tailSplit: 4 }),
+    (e: unknown) => e instanceof UnsupportedError && /tail_split must be 2/.test(e.message),
   );
 });
 

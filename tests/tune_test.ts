@@ -47,6 +47,7 @@ import {
   sliceProblem,
   summaryTable,
   tableJson,
+  tailVariants,
   tokensPerExpert,
   TUNE_SPLITS,
   type TuneMetadata,
@@ -136,6 +137,18 @@ Deno.test("search space and pruning", () => {
   assert.equal(halvesN.length, 80);
   assert.ok(halvesN.every((c) => splitNAllowed(c) && c.blockN === 32 && !c.split));
   assert.equal(configKey({ ...cfg(80, 32, 8, 4), splitN: 2 }), "80/32/8/4/n2");
+  assert.equal(configKey({ ...cfg(32, 32, 8, 5), tailSplit: 4 }), "32/32/8/5/t4");
+  assert.ok(!sameConfig(cfg(32, 32, 8, 5), { ...cfg(32, 32, 8, 5), tailSplit: 4 }));
+  // Tail splits: only where the units overflow a wave; blocks of 80 on token halves take 2.
+  assert.deepEqual(tailVariants(cfg(32, 32, 8, 5), 272, 132).map(configKey), [
+    "32/32/8/5/t2",
+    "32/32/8/5/t4",
+    "32/32/8/5/t8",
+  ]);
+  assert.deepEqual(tailVariants(cfg(80, 32, 8, 4), 284, 132).map(configKey), ["80/32/8/4/t2"]);
+  assert.deepEqual(tailVariants(cfg(32, 32, 8, 5), 132, 132), []);
+  assert.deepEqual(tailVariants({ ...cfg(80, 32, 8, 3), allSlices: true }, 284, 132), []);
+  assert.deepEqual(tailVariants({ ...cfg(8, 32, 8, 3), split: 2 }, 284, 132), []);
   assert.ok(!sameConfig(cfg(80, 32, 8, 4), { ...cfg(80, 32, 8, 4), splitN: 2 }));
   // N halves are timed up to four waves of units, whatever the K split rule says.
   assert.ok(worthSplitting(1, 4 * 132, 132, 2));
@@ -217,6 +230,16 @@ Deno.test("searchConfigs: the replaced table's entry reaches the last round what
     "16/32/8/2",
   ]);
   assert.equal(configKey(chooseConfig(out).config), "32/32/8/5");
+  // Variants of the finalists join the last round (the tuner's tail splits).
+  const withTail = searchConfigs(space, measure, {
+    rounds,
+    lastRoundVariants: (c) => c.blockM === 8 ? [{ ...c, tailSplit: 4 }] : [],
+  });
+  assert.deepEqual(withTail.ranked.map((m) => configKey(m.config)), [
+    "8/32/8/2",
+    "8/32/8/2/t4",
+    "16/32/8/2",
+  ]);
 });
 
 Deno.test("searchConfigs: each series says its round and repeat (the tuner's routing draws)", () => {
@@ -326,7 +349,15 @@ Deno.test("tableJson: the seed's format, sorted, read back by parseConfigTable",
   const ours = tableJson([[2048, { ...cfg(80, 32, 8, 4), splitN: 2 }], [1, {
     ...cfg(8, 32, 8, 3),
     split: 7,
-  }]]);
+  }], [512, { ...cfg(32, 32, 8, 5), tailSplit: 4 }]]);
+  assert.match(
+    ours,
+    /"512": \{"block_m": 32, "block_n": 32, "warp_n": 8, "stages": 5, "tail_split": 4\}/,
+  );
+  assert.deepEqual(parseConfigTable(JSON.parse(ours)).get(512), {
+    ...cfg(32, 32, 8, 5),
+    tailSplit: 4,
+  });
   assert.match(
     ours,
     /"2048": \{"block_m": 80, "block_n": 32, "warp_n": 8, "stages": 4, "split_n": 2\}/,

@@ -119,7 +119,20 @@ struct FusedMoeParams {
   int32_t tiled;  // weights stored as whole tiles (AMOE_WEIGHTS_TILES), else row-major
   int32_t sorted_len;  // entries of sorted_token_ids; expert_ids has ceil(sorted_len / block_m)
   float scaling_factor;
+  // Tail units (TailPart): the units past the main launch's last full wave run in a launch of
+  // their own, after it, whose clusters share each unit; the main launch skips them.
+  int32_t tail_part;
+  int32_t tail_wave;  // units the main launch runs at once
+  int32_t tail_room;  // tail units (clusters) the tail launch runs at once
 };
+
+enum TailPart : int32_t { kWholeLaunch = 0, kMainUnits = 1, kTailUnits = 2 };
+
+// How many of `units` the tail launch takes: those past the main launch's last full wave,
+// if they all fit in the tail launch at once; none when everything fits in one wave.
+__host__ __device__ constexpr int tail_units(int units, int wave, int room) {
+  return units > wave && units % wave <= room ? units % wave : 0;
+}
 
 __host__ __device__ constexpr int round_up(int x, int m) { return (x + m - 1) / m * m; }
 
@@ -858,9 +871,18 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
   // All-slices units (kAllSlices) cover every slice of their token block.
   const int slices = p.N / kSliceRows;
   const int unit_slices = kAllSlices ? 1 : slices;
-  const int unit = blockIdx.x / p.split;
-  const int block = unit / unit_slices;
   const int tid = threadIdx.x;
+  int unit = blockIdx.x / p.split;
+  // The tail launch (this grid's dependent) takes SMs as they free up once every CTA of the
+  // main launch has started: when its last wave drains.
+  if (p.tail_part == kMainUnits) ptx::griddep_launch_dependents();
+  if (p.tail_part == kTailUnits) {
+    const int units = (*p.num_tokens_post_padded + p.block_m - 1) / p.block_m * unit_slices;
+    const int tail = tail_units(units, p.tail_wave, p.tail_room);
+    if (unit >= tail) return;
+    unit += units - tail;
+  }
+  const int block = unit / unit_slices;
   // The tensor maps' descriptors are fetched while the routing loads are in flight, not on
   // the first TMA after them.
   if (tid == 0) {
@@ -887,6 +909,10 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
   const int slot = in_array ? p.sorted_token_ids[first_slot + tid] : -1;
   if (first_slot >= used) return;
   if (expert < 0) return;  // expert not on this GPU: contributes nothing
+  if (p.tail_part == kMainUnits) {
+    const int units = (used + p.block_m - 1) / p.block_m * unit_slices;
+    if (unit >= units - tail_units(units, p.tail_wave, p.tail_room)) return;  // the tail's
+  }
   // Slots fill a block from its start, so its first 32 tell whether it holds 16 tokens: warp
   // 0 counts them for thread 0 (every warp counts its own slots; the others' counts go unused).
   const bool valid = slot >= 0 && slot < p.M * p.top_k;
@@ -963,6 +989,8 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
   if (tid < 128) {
     if constexpr (WGS > 1) ptx::setmaxnreg_dec<56>();
     produce<S, kAllSlices>(p, info, ring, tid);
+    // The tail launch ends after the main launch it overlapped: stream order holds for both.
+    if (p.tail_part == kTailUnits && tid == 0) ptx::griddep_wait();
   } else {
     if constexpr (WGS > 1) ptx::setmaxnreg_inc<224>();
     consume<T, WGS, kHalves, kAllSlices, kSplitN>(p, info, ring, act, staging, partial, amax, act_scale,

@@ -17,6 +17,7 @@ struct FusedMoeLaunch {
   FusedMoeParams params;
   dim3 grid;
   cudaStream_t stream;
+  bool dependent = false;  // may start before the previous kernel ends (programmatic launch)
 };
 
 // One compiled variant: T tokens per wgmma, WGS consumer warpgroups.
@@ -28,7 +29,8 @@ struct FusedMoeVariant {
   // Shared memory of a config; `slices` = N / 256.
   int (*smem_bytes)(int stages, int block_m, int split, int slices);
   int (*launch)(const FusedMoeLaunch& l, int smem_bytes);
-  // How many clusters of `split` CTAs of `smem_bytes` each the device can run at once.
+  // How many clusters of `split` CTAs (split 1: CTAs) of `smem_bytes` each the device can run
+  // at once.
   int (*max_clusters)(int smem_bytes, int split, int* count);
 };
 
@@ -58,21 +60,30 @@ int configure_kernel() {
   return AMOE_OK;
 }
 
-// The launch configuration of one kernel: a cluster of `split` CTAs when split > 1.
+// The launch configuration of one kernel: a cluster of `split` CTAs when split > 1, and
+// programmatic stream serialization when `dependent` (griddepcontrol in the kernel).
 struct LaunchConfig {
   cudaLaunchConfig_t config = {};
-  cudaLaunchAttribute cluster = {};
-  LaunchConfig(dim3 grid, int threads, int smem_bytes, cudaStream_t stream, int split) {
+  cudaLaunchAttribute attrs[2] = {};
+  LaunchConfig(dim3 grid, int threads, int smem_bytes, cudaStream_t stream, int split,
+               bool dependent = false) {
     config.gridDim = grid;
     config.blockDim = dim3(threads);
     config.dynamicSmemBytes = smem_bytes;
     config.stream = stream;
-    cluster.id = cudaLaunchAttributeClusterDimension;
-    cluster.val.clusterDim.x = split;
-    cluster.val.clusterDim.y = 1;
-    cluster.val.clusterDim.z = 1;
-    config.attrs = &cluster;
-    config.numAttrs = split > 1 ? 1 : 0;
+    config.attrs = attrs;
+    if (split > 1) {
+      cudaLaunchAttribute& a = attrs[config.numAttrs++];
+      a.id = cudaLaunchAttributeClusterDimension;
+      a.val.clusterDim.x = split;
+      a.val.clusterDim.y = 1;
+      a.val.clusterDim.z = 1;
+    }
+    if (dependent) {
+      cudaLaunchAttribute& a = attrs[config.numAttrs++];
+      a.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      a.val.programmaticStreamSerializationAllowed = 1;
+    }
   }
   LaunchConfig(const LaunchConfig&) = delete;  // config.attrs points into this object
 };
@@ -80,7 +91,8 @@ struct LaunchConfig {
 template <int T, int WGS, bool kHalves, bool kAllSlices, bool kSplitN>
 int fused_moe_launch(const FusedMoeLaunch& l, int smem_bytes) {
   AMOE_TRY((configure_kernel<T, WGS, kHalves, kAllSlices, kSplitN>()));
-  const LaunchConfig c(l.grid, (WGS + 1) * 128, smem_bytes, l.stream, l.params.split);
+  const LaunchConfig c(l.grid, (WGS + 1) * 128, smem_bytes, l.stream, l.params.split,
+                       l.dependent);
   return check_cuda(cudaLaunchKernelEx(&c.config, fused_moe_kernel<T, WGS, kHalves, kAllSlices, kSplitN>, l.weights,
                                        l.params),
                     "fused_moe_kernel launch");
@@ -89,6 +101,16 @@ int fused_moe_launch(const FusedMoeLaunch& l, int smem_bytes) {
 template <int T, int WGS, bool kHalves, bool kAllSlices, bool kSplitN>
 int fused_moe_max_clusters(int smem_bytes, int split, int* count) {
   AMOE_TRY((configure_kernel<T, WGS, kHalves, kAllSlices, kSplitN>()));
+  if (split == 1) {
+    int per_sm = 0, device = 0, sms = 0;
+    AMOE_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
+        &per_sm, fused_moe_kernel<T, WGS, kHalves, kAllSlices, kSplitN>, (WGS + 1) * 128,
+        smem_bytes));
+    AMOE_CUDA(cudaGetDevice(&device));
+    AMOE_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    *count = per_sm * sms;
+    return AMOE_OK;
+  }
   const LaunchConfig c(dim3(split), (WGS + 1) * 128, smem_bytes, nullptr, split);
   return check_cuda(
       cudaOccupancyMaxActiveClusters(count, fused_moe_kernel<T, WGS, kHalves, kAllSlices, kSplitN>, &c.config),

@@ -1397,7 +1397,10 @@ export async function tuneConfigs(
       pruning: "block_m <= max(16, 2 x the busiest expert's slots rounded up to 8); " +
         "split > 1 only while units x split <= 2 x SMs; split_n 2 only while units <= 4 x SMs",
       rounds: `${describeRounds(rounds)}; the last round's series each on its own routing draw; ` +
-        "the last round also times the default config and the replaced table's entry",
+        "the last round also times the default config, the replaced table's entry and tail " +
+        `splits ${
+          TUNE_TAIL_SPLITS.join("/")
+        } of its split-1 configs where the units overflow a wave`,
       keepDefaultWithin: KEEP_DEFAULT_WITHIN,
       budgetSeconds: budget,
       timing: "CUDA events around each launch on its own stream, L2 emptied (a buffer of twice " +

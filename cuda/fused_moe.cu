@@ -429,8 +429,8 @@ int amoe_fused_moe_w8a8_up_down(const void* x, const float* x_scale, const void*
   // Tail units: which units they are depends on the routing, so both launches work it out on
   // the device (tail_units) from the units per wave of the main launch and the tail clusters
   // that fit at once. The tail launch comes second, as a programmatic dependent: its CTAs take
-  // SMs as the main launch's last wave frees them, and wait for the main launch before they
-  // exit.
+  // SMs as the main launch's last wave frees them, and its first CTA waits for the main launch
+  // before it exits, so that the pair completes in stream order.
   int wave = 0, room = 0;
   AMOE_TRY(resident_clusters(variant, smem, 1, &wave));
   AMOE_TRY(resident_clusters(tail_variant, tail_smem, tail.cluster(), &room));

@@ -337,6 +337,39 @@ gpuTest("tail units: the last wave's units as clusters of a launch of their own"
     }
   }
   console.log(`${runs} configs with tail units, worst relative L2 ${worst.toExponential(3)}`);
+  // Stream order: the tail launch must not end before the main one. Each run zeroes out first
+  // on the same stream, with no wait between runs, so a main launch still adding after the
+  // next run's zeroing would leave two runs' sums; with and without a tail (tail_split set on
+  // a launch of less than a wave), and replayed from a CUDA graph.
+  using stream = new Stream();
+  const withTail = makeProblemWithTail(
+    { M: 200, K: 256, N: 512, numExperts: 16, topK: 4, blockM: 8, seed: 32 },
+    8,
+    4,
+    smCount,
+  );
+  const noTail = makeRandomMoeProblem({
+    M: 24,
+    K: 256,
+    N: 256,
+    numExperts: 16,
+    topK: 4,
+    blockM: 8,
+    seed: 33,
+  });
+  for (const p of [withTail, noTail]) {
+    using dev = new DeviceMoeProblem(p);
+    const ref = references(dev, p, 8).requant;
+    const config = { ...cfg(8, 32, 8, 2), tailSplit: 4 };
+    for (let i = 0; i < 5; i++) dev.run(config, { stream });
+    stream.synchronize();
+    assertClose(dev.readOut(), ref, `M ${p.M}, five runs in a row`);
+    dev.tensors(config.blockM); // the routing buffers exist before capturing
+    using graph = CudaGraph.capture(stream, () => dev.run(config, { stream }));
+    for (let i = 0; i < 3; i++) graph.launch(stream);
+    stream.synchronize();
+    assertClose(dev.readOut(), ref, `M ${p.M}, three graph replays`);
+  }
   for (const bad of [cfg(16, 32, 8, 3, 2), { ...cfg(16, 32, 8, 3), splitN: 2 }]) {
     assert.throws(
       () => checkKernelConfig(7168, 512, { ...bad, tailSplit: 2 }),

@@ -874,12 +874,18 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
   const int tid = threadIdx.x;
   int unit = blockIdx.x / p.split;
   // The tail launch (this grid's dependent) takes SMs as they free up once every CTA of the
-  // main launch has started: when its last wave drains.
+  // main launch has started: when its last wave drains. The tail launch's first CTA waits for
+  // the main launch before it exits, whether it has a unit or not, so that the tail launch ends
+  // after the main one and the pair keeps stream order; the other tail CTAs need not wait.
   if (p.tail_part == kMainUnits) ptx::griddep_launch_dependents();
+  const bool keeps_order = p.tail_part == kTailUnits && blockIdx.x == 0 && tid == 0;
   if (p.tail_part == kTailUnits) {
     const int units = (*p.num_tokens_post_padded + p.block_m - 1) / p.block_m * unit_slices;
     const int tail = tail_units(units, p.tail_wave, p.tail_room);
-    if (unit >= tail) return;
+    if (unit >= tail) {
+      if (keeps_order) ptx::griddep_wait();
+      return;
+    }
     unit += units - tail;
   }
   const int block = unit / unit_slices;
@@ -907,8 +913,10 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
   const int first_slot = block * p.block_m;
   const bool in_array = tid < p.block_m && first_slot + tid < p.sorted_len;
   const int slot = in_array ? p.sorted_token_ids[first_slot + tid] : -1;
-  if (first_slot >= used) return;
-  if (expert < 0) return;  // expert not on this GPU: contributes nothing
+  if (first_slot >= used || expert < 0) {  // no tokens, or an expert not on this GPU
+    if (keeps_order) ptx::griddep_wait();
+    return;
+  }
   if (p.tail_part == kMainUnits) {
     const int units = (used + p.block_m - 1) / p.block_m * unit_slices;
     if (unit >= units - tail_units(units, p.tail_wave, p.tail_room)) return;  // the tail's
@@ -989,8 +997,7 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
   if (tid < 128) {
     if constexpr (WGS > 1) ptx::setmaxnreg_dec<56>();
     produce<S, kAllSlices>(p, info, ring, tid);
-    // The tail launch ends after the main launch it overlapped: stream order holds for both.
-    if (p.tail_part == kTailUnits && tid == 0) ptx::griddep_wait();
+    if (keeps_order) ptx::griddep_wait();  // after its own unit's tiles are issued
   } else {
     if constexpr (WGS > 1) ptx::setmaxnreg_inc<224>();
     consume<T, WGS, kHalves, kAllSlices, kSplitN>(p, info, ring, act, staging, partial, amax, act_scale,

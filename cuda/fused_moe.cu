@@ -182,10 +182,10 @@ int resident_clusters(const FusedMoeVariant* variant, int smem, int cluster, int
 }
 
 // Tail units (bench/NOTES.md, item 57): the units past the last full wave of a launch run
-// alone while most SMs idle. With tail_split > 1 they run in a launch of their own, after
-// the main one, as clusters that share each unit: split units (K) for blocks of up to 64 tokens, N halves
-// for the token-halves blocks (72, 80), whose partial sums would not fit. Its ring has as many
-// stages as fit, up to the main config's.
+// alone while most SMs idle. With tail_split > 1 they run in a launch of their own, after the
+// main one, as clusters that share each unit: split units (K) for blocks of up to 64 tokens,
+// N halves for the token-halves blocks (72, 80), whose partial sums would not fit. Its ring
+// has as many stages as fit, up to the main config's.
 int resolve_tail(const Config& c, int N, Config* tail, const FusedMoeVariant** variant,
                  int* smem) {
   if (c.tail_split < 1 || c.tail_split > kMaxSplit) {

@@ -1,0 +1,145 @@
+// Output reductions, three ways (written in session 13 for bench/NOTES.md item 58; not yet run):
+// 73728 row-adds of 7168 bf16 (ds M=8192's slots) into rows from a multiplicative hash, into an
+// L2-resident output (1024 rows, 14 MB) and into the real footprint (8192 rows, 112 MiB):
+//   vec   the kernel's 16-byte vector reductions (red.global.add.v4.bf16x2, evict-last), a warp
+//         per row, as in the kernel's epilogue;
+//   bulk  cp.reduce.async.bulk .add.noftz.bf16 of the whole 14 KiB row from shared memory, one
+//         thread per warp issuing (the TMA unit's bulk reduction);
+//   bulk xN the same in N pieces: 4 of 3584 bytes, 28 of 512 (the kernel's granularity: a
+//         token's 256 output columns of one down tile);
+//   store plain 16-byte stores (what the bytes cost without the read-modify-write).
+// Question: is a bulk reduction's L2 cost per byte lower than a vector reduction's (2.4 read
+// bytes per byte, item 44)? If so, the epilogue could go back to bulk reductions now that the TMA
+// unit carries only weight tiles (item 33).
+// Build: nvcc -gencode=arch=compute_90a,code=sm_90a -O3 -std=c++17 -Icuda -o /tmp/l2red bench/micro/l2red.cu
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <vector>
+
+#include "fused_moe/ptx.cuh"
+using namespace amoe;
+#define CK(x)                                                        \
+  do {                                                               \
+    cudaError_t e = (x);                                             \
+    if (e != cudaSuccess) {                                          \
+      printf("%s: %s\n", #x, cudaGetErrorString(e));                 \
+      return 1;                                                      \
+    }                                                                \
+  } while (0)
+
+constexpr int K = 7168, ADDS = 73728, ROW_BYTES = K * 2;
+
+__device__ __forceinline__ int row_of(int i, int rows) {
+  return int((uint32_t(i) * 2654435761u) % uint32_t(rows));
+}
+
+__global__ void vec(__nv_bfloat16* out, int rows) {
+  const int lane = threadIdx.x % 32;
+  const int warps = gridDim.x * (blockDim.x / 32);
+  const uint64_t pol = ptx::policy_evict_last();
+  const uint4 v = make_uint4(0x3f803f80u, 0x3f803f80u, 0x3f803f80u, 0x3f803f80u);
+  for (int i = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; i < ADDS; i += warps) {
+    __nv_bfloat16* r = out + size_t(row_of(i, rows)) * K;
+    for (int c = 0; c < K; c += 256) ptx::red_add_bf16x8(r + c + lane * 8, v, pol);
+  }
+}
+
+__global__ void store(__nv_bfloat16* out, int rows) {
+  const int lane = threadIdx.x % 32;
+  const int warps = gridDim.x * (blockDim.x / 32);
+  const uint4 v = make_uint4(0x3f803f80u, 0x3f803f80u, 0x3f803f80u, 0x3f803f80u);
+  for (int i = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; i < ADDS; i += warps) {
+    __nv_bfloat16* r = out + size_t(row_of(i, rows)) * K;
+    for (int c = 0; c < K; c += 256) *reinterpret_cast<uint4*>(r + c + lane * 8) = v;
+  }
+}
+
+// One 14 KiB row of bf16 1.0 in shared memory, added by the TMA unit: lane 0 of each warp
+// issues its rows' reductions in `chunks` pieces; the source never changes, so nothing waits
+// until the end.
+__global__ void bulk(__nv_bfloat16* out, int rows, int chunks, int hint) {
+  extern __shared__ __align__(128) uint8_t smem[];
+  for (int i = threadIdx.x; i < ROW_BYTES / 4; i += blockDim.x) {
+    reinterpret_cast<uint32_t*>(smem)[i] = 0x3f803f80u;
+  }
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+  __syncthreads();
+  if (threadIdx.x % 32 != 0) return;
+  const int warps = gridDim.x * (blockDim.x / 32);
+  const int piece = ROW_BYTES / chunks;
+  const uint64_t pol = ptx::policy_evict_last();
+  for (int i = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; i < ADDS; i += warps) {
+    uint8_t* r = reinterpret_cast<uint8_t*>(out + size_t(row_of(i, rows)) * K);
+    for (int c = 0; c < chunks; ++c) {
+      if (hint) {
+        asm volatile(
+            "cp.reduce.async.bulk.global.shared::cta.bulk_group.L2::cache_hint.add.noftz.bf16 "
+            "[%0], [%1], %2, %3;" ::"l"(r + c * piece),
+            "r"(ptx::smem_addr(smem + c * piece)), "r"(piece), "l"(pol)
+            : "memory");
+      } else {
+        asm volatile(
+            "cp.reduce.async.bulk.global.shared::cta.bulk_group.add.noftz.bf16 [%0], [%1], %2;" ::"l"(
+                r + c * piece),
+            "r"(ptx::smem_addr(smem + c * piece)), "r"(piece)
+            : "memory");
+      }
+    }
+    asm volatile("cp.async.bulk.commit_group;" ::: "memory");
+  }
+  asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
+}
+
+int main() {
+  int sms = 0;
+  CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
+  __nv_bfloat16* out;
+  CK(cudaMalloc(&out, size_t(8192) * ROW_BYTES));
+  CK(cudaMemset(out, 0, size_t(8192) * ROW_BYTES));
+  CK(cudaFuncSetAttribute(bulk, cudaFuncAttributeMaxDynamicSharedMemorySize, ROW_BYTES));
+  cudaEvent_t a, b;
+  CK(cudaEventCreate(&a));
+  CK(cudaEventCreate(&b));
+  auto timeit = [&](auto launch) {
+    std::vector<float> v;
+    for (int r = 0; r < 7; ++r) {
+      cudaEventRecord(a);
+      launch();
+      cudaEventRecord(b);
+      cudaEventSynchronize(b);
+      float ms;
+      cudaEventElapsedTime(&ms, a, b);
+      v.push_back(ms);
+    }
+    std::sort(v.begin(), v.end());
+    return v[3];
+  };
+  const double bytes = double(ADDS) * ROW_BYTES;
+  auto report = [&](const char* what, int rows, int warps_per_cta, float ms) {
+    printf("%-22s rows %4d (%3zu MB) warps/CTA %2d: %7.1f us, %5.0f GB/s of bf16\n", what, rows,
+           size_t(rows) * ROW_BYTES >> 20, warps_per_cta, ms * 1e3, bytes / (ms * 1e-3) / 1e9);
+  };
+  for (int rows : {1024, 8192}) {
+    for (int w : {8, 16}) {
+      report("vec (kernel's)", rows, w, timeit([&] { vec<<<sms, 32 * w>>>(out, rows); }));
+      CK(cudaGetLastError());
+      report("store", rows, w, timeit([&] { store<<<sms, 32 * w>>>(out, rows); }));
+      CK(cudaGetLastError());
+      for (int chunks : {1, 4, 28}) {
+        for (int hint : {0, 1}) {
+          char name[64];
+          snprintf(name, sizeof name, "bulk x%d%s", chunks, hint ? " evict-last" : "");
+          report(name, rows, w,
+                 timeit([&] { bulk<<<sms, 32 * w, ROW_BYTES>>>(out, rows, chunks, hint); }));
+          CK(cudaGetLastError());
+        }
+      }
+    }
+  }
+  CK(cudaDeviceSynchronize());
+  return 0;
+}

@@ -10,7 +10,7 @@
  * @module
  */
 import { parseArgs } from "node:util";
-import { type KernelConfig, tailSplitAllowed } from "../src/config.ts";
+import type { KernelConfig } from "../src/config.ts";
 import { deviceInfo } from "../src/device.ts";
 import { checkKernelConfig } from "../src/fused_moe.ts";
 import { DeviceMoeProblem } from "../src/problem.ts";
@@ -19,6 +19,7 @@ import {
   configKey,
   configVariants,
   MODEL_SHAPES,
+  tailVariants,
   tokensPerExpert,
   unitsOfWork,
   worthSplitting,
@@ -66,10 +67,9 @@ function candidates(
             ...configVariants({ blockM, blockN, warpN, stages, split }, slices > 1, splitN)
               .filter((c) => worthSplitting(1, units(blockM), smCount, c.splitN)),
           );
-          if (split !== 1 || units(blockM) <= smCount) continue;
-          const base = { blockM, blockN, warpN, stages };
-          for (const tailSplit of tailSplits) {
-            if (tailSplitAllowed(base, tailSplit)) out.push({ ...base, tailSplit });
+          if (split === 1) {
+            const base = { blockM, blockN, warpN, stages };
+            out.push(...tailVariants(base, units(blockM), smCount, tailSplits));
           }
         }
       }

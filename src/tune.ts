@@ -264,13 +264,18 @@ export function configVariants(
 export const TUNE_TAIL_SPLITS: readonly number[] = Object.freeze([2, 4, 8]);
 
 /**
- * `c` with each tail split of {@link TUNE_TAIL_SPLITS} it can take ({@link tailSplitAllowed}),
- * for a launch of `units` units on `smCount` SMs; none when the units fit in one wave (there is
- * no tail) or `c` has a tail split already.
+ * `c` with each of `splits` (default {@link TUNE_TAIL_SPLITS}) it can take as its tail split
+ * ({@link tailSplitAllowed}), for a launch of `units` units on `smCount` SMs; none when the
+ * units fit in one wave (there is no tail) or `c` has a tail split already.
  */
-export function tailVariants(c: KernelConfig, units: number, smCount: number): KernelConfig[] {
+export function tailVariants(
+  c: KernelConfig,
+  units: number,
+  smCount: number,
+  splits: readonly number[] = TUNE_TAIL_SPLITS,
+): KernelConfig[] {
   if (units <= smCount || (c.tailSplit ?? 1) > 1) return [];
-  return TUNE_TAIL_SPLITS.filter((n) => tailSplitAllowed(c, n)).map((n) => ({
+  return splits.filter((n) => tailSplitAllowed(c, n)).map((n) => ({
     ...c,
     tailSplit: n,
   }));

@@ -139,20 +139,6 @@ int resolve_config(const Config& c, int N, const FusedMoeVariant** variant, int*
               c.block_m, c.block_n, c.warp_n, c.stages, c.split, smallest, optin);
 }
 
-// A split config also needs the device to fit one cluster of `split` such CTAs.
-int check_clusters(const Config& c, const FusedMoeVariant* variant, int smem) {
-  if (c.cluster() == 1) return AMOE_OK;
-  int clusters = 0;
-  AMOE_TRY(variant->max_clusters(smem, c.cluster(), &clusters));
-  if (clusters == 0) {
-    return fail(AMOE_ERR_UNSUPPORTED,
-                "this device cannot run a cluster of %d CTAs of %d bytes of shared memory each "
-                "(split %d, split_n %d); use a smaller split",
-                c.cluster(), smem, c.split, c.split_n);
-  }
-  return AMOE_OK;
-}
-
 // How many clusters of a config's CTAs run at once, queried once per (device, variant, size).
 int resident_clusters(const FusedMoeVariant* variant, int smem, int cluster, int* count) {
   struct Entry {
@@ -178,6 +164,20 @@ int resident_clusters(const FusedMoeVariant* variant, int smem, int cluster, int
   AMOE_TRY(variant->max_clusters(smem, cluster, count));
   std::lock_guard<std::mutex> lock(mutex);
   entries[used < 64 ? used++ : device % 64] = Entry{device, variant, smem, cluster, *count};
+  return AMOE_OK;
+}
+
+// A split config also needs the device to fit one cluster of `split` such CTAs.
+int check_clusters(const Config& c, const FusedMoeVariant* variant, int smem) {
+  if (c.cluster() == 1) return AMOE_OK;
+  int clusters = 0;  // cached: resolve_tail checks the tail config on every launch
+  AMOE_TRY(resident_clusters(variant, smem, c.cluster(), &clusters));
+  if (clusters == 0) {
+    return fail(AMOE_ERR_UNSUPPORTED,
+                "this device cannot run a cluster of %d CTAs of %d bytes of shared memory each "
+                "(split %d, split_n %d); use a smaller split",
+                c.cluster(), smem, c.split, c.split_n);
+  }
   return AMOE_OK;
 }
 

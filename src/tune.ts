@@ -446,6 +446,8 @@ export interface SearchOutcome {
   ranked: Measured[];
   /** The baseline's measurement, if it was given and could run. */
   baseline?: Measured;
+  /** The first incumbent's measurement in the last round, if one was given and could run. */
+  incumbent?: Measured;
   /** Configs the first round timed. */
   timed: number;
   /** Candidates left out by the deadline. */
@@ -574,6 +576,8 @@ export function searchConfigs(
     }
   }
   if (options.baseline) baseline = scored.find((m) => sameConfig(m.config, options.baseline!));
+  const current = options.incumbents?.[0];
+  const incumbent = current && scored.find((m) => sameConfig(m.config, current));
   const ranked = scored.sort((a, b) => a.us - b.us);
   if (ranked.length === 0) {
     throw new RangeError(
@@ -582,20 +586,26 @@ export function searchConfigs(
         ")",
     );
   }
-  return { ranked, baseline, timed, cut, refused, launches };
+  return { ranked, baseline, incumbent, timed, cut, refused, launches };
 }
 
 /**
- * The default config is kept unless the fastest config beats it by more than this fraction:
- * closer than that is within run-to-run noise, and the reported gain would not reproduce.
+ * The table's current entry, else the default config, is kept unless the fastest config beats
+ * it by more than this fraction: closer than that is within run-to-run noise, and the reported
+ * gain would not reproduce.
  */
 export const KEEP_DEFAULT_WITHIN = 0.01;
 
-/** The config to ship: the fastest, or the default when it is within {@link KEEP_DEFAULT_WITHIN}. */
+/**
+ * The config to ship: the fastest, unless the incumbent (the table's current entry, in a
+ * re-tune) or else the default is within {@link KEEP_DEFAULT_WITHIN} of it. A re-tune that
+ * preferred the default to a tuned entry within noise would swap configs on one routing
+ * draw's evidence (bench/NOTES.md, item 59).
+ */
 export function chooseConfig(outcome: SearchOutcome): Measured {
   const fastest = outcome.ranked[0];
-  const b = outcome.baseline;
-  if (b !== undefined && b.us <= fastest.us * (1 + KEEP_DEFAULT_WITHIN)) return b;
+  const keep = outcome.incumbent ?? outcome.baseline;
+  if (keep !== undefined && keep.us <= fastest.us * (1 + KEEP_DEFAULT_WITHIN)) return keep;
   return fastest;
 }
 
@@ -882,10 +892,12 @@ function fmt(v: number | undefined, digits = 1): string {
 /** One line per batch size, as printed after each one. */
 export function resultLine(r: BatchResult): string {
   const gain = gainPercent(r.best.us, r.default?.us);
-  const kept = r.default && sameConfig(r.best.config, r.default.config) &&
-      !sameConfig(r.fastest.config, r.best.config)
-    ? ` (kept: ${configKey(r.fastest.config)} was only ${
-      fmt(gainPercent(r.fastest.us, r.default.us))
+  const which = r.default && sameConfig(r.best.config, r.default.config)
+    ? "the default"
+    : "the current entry";
+  const kept = !sameConfig(r.fastest.config, r.best.config)
+    ? ` (kept ${which}: ${configKey(r.fastest.config)} was only ${
+      fmt(gainPercent(r.fastest.us, r.best.us))
     }% faster)`
     : "";
   return `M=${r.M}: ${configKey(r.best.config)} ${fmt(r.best.us)} µs, default ` +

@@ -38,6 +38,7 @@ import {
   partialPathFor,
   predictSeconds,
   readResultsFile,
+  resultLine,
   resultsList,
   resultsPathFor,
   sameConfig,
@@ -332,6 +333,44 @@ Deno.test("chooseConfig: keeps the default config unless beaten by more than 1 %
   assert.deepEqual(chooseConfig({ ...base, ranked: [m(other, 95)] }).config, other);
 });
 
+Deno.test("chooseConfig: in a re-tune, the current entry is kept before the default", () => {
+  const def = cfg(16, 32, 8, 4);
+  const current = cfg(8, 32, 8, 2);
+  const other = cfg(24, 32, 8, 2);
+  const m = (config: KernelConfig, us: number) => ({ config, us, samples: 40 });
+  const base = { timed: 3, cut: 0, refused: [], launches: 0 };
+  // The default is the fastest by 0.4 %: the current entry stays.
+  const near = [m(def, 99.6), m(current, 100), m(other, 101)];
+  assert.deepEqual(
+    chooseConfig({ ...base, ranked: near, baseline: near[0], incumbent: near[1] }).config,
+    current,
+  );
+  // Beaten by more than 1 %: the fastest replaces it, whichever it is.
+  const far = [m(other, 95), m(def, 99.6), m(current, 100)];
+  assert.deepEqual(
+    chooseConfig({ ...base, ranked: far, baseline: far[1], incumbent: far[2] }).config,
+    other,
+  );
+});
+
+Deno.test("searchConfigs reports the incumbent's last-round measurement", () => {
+  const incumbent = cfg(32, 32, 8, 5);
+  const measure: MeasureFn = (c) => [sameConfig(c, incumbent) ? 100.5 : 100 + c.blockM / 8];
+  const space = [cfg(8, 32, 8, 2), cfg(16, 32, 8, 2), cfg(24, 32, 8, 2)];
+  const rounds = [{ keep: 3, repeats: 1, warmup: 0, iterations: 3 }, {
+    keep: 1,
+    repeats: 2,
+    warmup: 0,
+    iterations: 3,
+  }];
+  const out = searchConfigs(space, measure, { rounds, incumbents: [incumbent] });
+  assert.equal(configKey(out.incumbent!.config), "32/32/8/5");
+  assert.equal(out.incumbent!.us, 100.5);
+  // The incumbent (100.5 µs) beats every candidate (101-103 µs).
+  assert.equal(configKey(chooseConfig(out).config), "32/32/8/5");
+  assert.equal(searchConfigs(space, measure, { rounds }).incumbent, undefined);
+});
+
 Deno.test("tableJson: the seed's format, sorted, read back by parseConfigTable", () => {
   const text = tableJson([[512, cfg(32, 64, 4, 2)], [1, cfg(16, 32, 8, 5)], [
     64,
@@ -477,6 +516,21 @@ Deno.test("summaryTable and formatDuration", () => {
   assert.match(table, /gain over the default config: median 10\.0%, max 20\.0%/);
   assert.equal(formatDuration(42.4), "42s");
   assert.equal(formatDuration(185), "3m05s");
+});
+
+Deno.test("resultLine says which config was kept over a faster one within noise", () => {
+  const r = result(32, 100, 100);
+  const faster = { config: cfg(8, 32, 8, 2), us: 99.6, samples: 40 };
+  assert.match(
+    resultLine({ ...r, fastest: faster }),
+    /kept the default: 8\/32\/8\/2 was only 0\.4% faster/,
+  );
+  const current = { config: cfg(24, 32, 8, 2), us: 100, samples: 40 };
+  assert.match(
+    resultLine({ ...r, best: current, fastest: faster }),
+    /kept the current entry: 8\/32\/8\/2 was only 0\.4% faster/,
+  );
+  assert.doesNotMatch(resultLine(r), /kept/);
 });
 
 Deno.test("the budget model: E=257 N=256 K=7168 top-k 9 over the seed's sizes fits in minutes", () => {

@@ -683,6 +683,7 @@ export interface TuneMetadata {
     space: string;
     pruning: string;
     rounds: string;
+    /** {@link KEEP_DEFAULT_WITHIN}: the table's entry, else the default, is kept within it. */
     keepDefaultWithin: number;
     budgetSeconds: number;
     timing: string;
@@ -1417,7 +1418,8 @@ export async function tuneConfigs(
         "the last round also times the default config, the replaced table's entry and tail " +
         `splits ${
           TUNE_TAIL_SPLITS.join("/")
-        } of its split-1 configs where the units overflow a wave`,
+        } of its split-1 configs where the units overflow a wave; the table's entry (else the ` +
+        "default) is kept unless a config beats it by more than keepDefaultWithin",
       keepDefaultWithin: KEEP_DEFAULT_WITHIN,
       budgetSeconds: budget,
       timing: "CUDA events around each launch on its own stream, L2 emptied (a buffer of twice " +

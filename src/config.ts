@@ -7,9 +7,9 @@
  * {"1": {"block_m": 16, "block_n": 32, "warp_n": 8, "stages": 5, "split": 8}, "8": {...}, ...}
  * ```
  *
- * `split`, `all_slices` and `split_n` are ours (the seed's tables do not have them) and
- * optional: absent means 1, false and 1. An optional `"__metadata__"` key (any value) is ignored; other fields in
- * an entry are ignored too.
+ * `split`, `all_slices`, `split_n` and `tail_split` are ours (the seed's tables do not have them)
+ * and optional: absent means 1, false, 1 and 1. An optional `"__metadata__"` key (any value) is
+ * ignored; other fields in an entry are ignored too.
  *
  * @module
  */
@@ -46,9 +46,9 @@ export interface KernelConfig {
   splitN?: number;
   /**
    * CTAs per unit for the units past a launch's last full wave, 1..16: with more than 1 they
-   * run first, in a launch of their own, each shared by a cluster of that many CTAs (by K for
-   * `blockM` up to 64, by N halves for 72 and 80, which take 2 only), so that the last wave
-   * does not run on a few SMs. Only with `split` 1, `splitN` 1 and no `allSlices`. Absent: 1,
+   * run in a second launch, which takes SMs as the main launch's last wave frees them, each
+   * shared by a cluster of that many CTAs (by K for `blockM` up to 64, by N halves for 72 and
+   * 80, which take 2 only), so that the last wave does not run on a few SMs. Only with `split` 1, `splitN` 1 and no `allSlices`. Absent: 1,
    * one launch.
    */
   tailSplit?: number;
@@ -218,7 +218,8 @@ const KEY_RE = /^(0|[1-9][0-9]*)$/;
  * {@link VALID_BLOCK_N_WARP_N}, `stages` outside 1..8, a `split` (optional) outside 1..16, an
  * `all_slices` (optional) that is not a boolean or is true for a block shape that cannot take it
  * ({@link allSlicesAllowed}), a `split_n` (optional) other than 1 or 2 or 2 where the config
- * cannot take it ({@link splitNAllowed}), or a table with no entries.
+ * cannot take it ({@link splitNAllowed}), a `tail_split` (optional) outside 1..16 or above 1
+ * where the config cannot take it ({@link tailSplitAllowed}), or a table with no entries.
  */
 export function parseConfigTable(json: unknown, source = "config table"): ConfigTable {
   if (typeof json !== "object" || json === null || Array.isArray(json)) {

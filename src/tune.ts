@@ -727,11 +727,9 @@ export interface TuneResultsFile {
 /**
  * A table in the seed's format: `{"<tokens>": {"block_m", "block_n", "warp_n", "stages"}}`, plus
  * `"split"` on entries whose split is above 1, `"all_slices": true`, `"split_n": 2` and
- * `"tail_split"` where set
- * (ours; the seed has none of these fields), keys
- * in ascending numeric order, one entry per line, nothing else, so that the seed's
- * `get_best_config` (which calls `int()` on every key) reads it as well as {@link
- * parseConfigTable} does. The timings and provenance go to the results file instead.
+ * `"tail_split"` where set (ours; the seed has none of these fields), keys in ascending numeric
+ * order, one entry per line, nothing else, so that the seed's `get_best_config` (which calls
+ * `int()` on every key) reads it as well as {@link parseConfigTable} does. The timings and provenance go to the results file instead.
  */
 export function tableJson(entries: Iterable<readonly [number, KernelConfig]>): string {
   const sorted = [...entries].sort((a, b) => a[0] - b[0]);

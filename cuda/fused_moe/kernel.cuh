@@ -493,15 +493,16 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
         }
         // Group g: steps g * kUpPromoteSteps .. (g + 1) * kUpPromoteSteps - 1 (step = m * 4 + ks)
         // accumulate in part[g % kDepth].
+        const uint64_t w_desc = ptx::sw128_desc(st + wg_up_row0 * kKBlock);
+        const uint64_t x_desc = ptx::sw128_desc(st + L::kXOffset + tw * kKBlock);
         auto issue = [&](int g) {
           ptx::wgmma_fence();
 #pragma unroll
           for (int s = 0; s < kUpPromoteSteps; ++s) {
             const int step = g * kUpPromoteSteps + s;
-            WgmmaFp8<T>::mma(
-                part[g % kDepth],
-                ptx::sw128_desc(st + (wg_up_row0 + (step / 4) * 64) * kKBlock + (step % 4) * 32),
-                ptx::sw128_desc(st + L::kXOffset + tw * kKBlock + (step % 4) * 32), s);
+            WgmmaFp8<T>::mma(part[g % kDepth],
+                             ptx::desc_plus(w_desc, (step / 4) * 64 * kKBlock + (step % 4) * 32),
+                             ptx::desc_plus(x_desc, (step % 4) * 32), s);
           }
           ptx::wgmma_commit();
         };
@@ -748,12 +749,13 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
     // Reads of a down stage: w2 tile rows 64m .. 64m + 63 of this warpgroup against the
     // activation tile `a`, four k32 steps into part[m % kDepth].
     auto issue_down = [&](const uint8_t* st, const uint8_t* a, int m) {
+      const uint64_t w_desc = ptx::sw128_desc(st + (wg_row0 + m * 64) * kKBlock);
+      const uint64_t a_desc = ptx::sw128_desc(a + tw * kKBlock);
       ptx::wgmma_fence();
 #pragma unroll
       for (int ks = 0; ks < 4; ++ks) {
-        WgmmaFp8<T>::mma(part[m % kDepth],
-                         ptx::sw128_desc(st + (wg_row0 + m * 64) * kKBlock + ks * 32),
-                         ptx::sw128_desc(a + tw * kKBlock + ks * 32), ks);
+        WgmmaFp8<T>::mma(part[m % kDepth], ptx::desc_plus(w_desc, ks * 32),
+                         ptx::desc_plus(a_desc, ks * 32), ks);
       }
       ptx::wgmma_commit();
     };

@@ -168,6 +168,15 @@ __device__ __forceinline__ uint64_t sw128_desc(const void* p) {
   return desc;
 }
 
+// sw128_desc(p + bytes) from sw128_desc(p): shared addresses stay below 2^18, so the start
+// field never carries into the next one and only the low word changes. A loop builds one
+// descriptor per stage and adds its steps' offsets, not the four or five instructions of a
+// rebuild before every wgmma (bench/NOTES.md, item 63).
+__device__ __forceinline__ uint64_t desc_plus(uint64_t desc, uint32_t bytes) {
+  const uint32_t lo = uint32_t(desc) + (bytes >> 4);
+  return (desc & 0xFFFFFFFF00000000ull) | lo;
+}
+
 // ---- clusters and distributed shared memory ----
 __device__ __forceinline__ uint32_t cluster_ctarank() {
   uint32_t r;

@@ -48,8 +48,8 @@ export interface KernelConfig {
    * CTAs per unit for the units past a launch's last full wave, 1..16: with more than 1 they
    * run in a second launch, which takes SMs as the main launch's last wave frees them, each
    * shared by a cluster of that many CTAs (by K for `blockM` up to 64, by N halves for 72 and
-   * 80, which take 2 only), so that the last wave does not run on a few SMs. Only with `split` 1, `splitN` 1 and no `allSlices`. Absent: 1,
-   * one launch.
+   * 80, which take 2 only), so that the last wave does not run on a few SMs. Only with `split`
+   * 1, `splitN` 1 and no `allSlices`. Absent: 1, one launch.
    */
   tailSplit?: number;
 }

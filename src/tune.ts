@@ -475,8 +475,8 @@ function isConfigFailure(err: unknown): err is AlphaMoeError {
  * Successive halving over `candidates` (timed in the order given): round 1 times every one
  * briefly, each later round re-times the best `keep` of the round before with more launches,
  * the last round also times `lastRoundVariants` of its configs, `baseline` and `incumbents`.
- * Configs whose launch fails with a non-fatal library
- * error are skipped and reported; a fatal (sticky) CUDA error is thrown.
+ * Configs whose launch fails with a non-fatal library error are skipped and reported; a fatal
+ * (sticky) CUDA error is thrown.
  *
  * @throws {RangeError} if nothing could be timed
  */
@@ -729,7 +729,8 @@ export interface TuneResultsFile {
  * `"split"` on entries whose split is above 1, `"all_slices": true`, `"split_n": 2` and
  * `"tail_split"` where set (ours; the seed has none of these fields), keys in ascending numeric
  * order, one entry per line, nothing else, so that the seed's `get_best_config` (which calls
- * `int()` on every key) reads it as well as {@link parseConfigTable} does. The timings and provenance go to the results file instead.
+ * `int()` on every key) reads it as well as {@link parseConfigTable} does. The timings and
+ * provenance go to the results file instead.
  */
 export function tableJson(entries: Iterable<readonly [number, KernelConfig]>): string {
   const sorted = [...entries].sort((a, b) => a[0] - b[0]);

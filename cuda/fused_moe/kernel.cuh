@@ -921,21 +921,6 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
   const int first_slot = block * p.block_m;
   const bool in_array = tid < p.block_m && first_slot + tid < p.sorted_len;
   const int slot = in_array ? p.sorted_token_ids[first_slot + tid] : -1;
-  if (first_slot >= used || expert < 0) {  // no tokens, or an expert not on this GPU
-    if (keeps_order) ptx::griddep_wait();
-    return;
-  }
-  if (p.tail_part == kMainUnits) {
-    const int units = (used + p.block_m - 1) / p.block_m * unit_slices;
-    if (unit >= units - tail_units(units, p.tail_wave, p.tail_room)) return;  // the tail's
-  }
-  // Slots fill a block from its start, so its first 32 tell whether it holds 16 tokens: warp
-  // 0 counts them for thread 0 (every warp counts its own slots; the others' counts go unused).
-  const bool valid = slot >= 0 && slot < p.M * p.top_k;
-  const bool full_block = __popc(__ballot_sync(0xffffffffu, valid)) >= kFullBlockTokens;
-  const bool only_block =
-      expert_before != expert && (expert_after != expert || first_slot + p.block_m >= used);
-
   extern __shared__ uint8_t smem_raw[];
   // Swizzled tiles need 1024-byte alignment; dynamic shared memory only promises 16.
   uint8_t* smem = smem_raw + ((1024 - ptx::smem_addr(smem_raw) % 1024) % 1024);
@@ -958,15 +943,43 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
   const int down_tiles = (p.K + kSliceRows - 1) / kSliceRows;
   const int rank = p.split > 1 ? int(ptx::cluster_ctarank()) : 0;
   const int k_split = kSplitN ? 1 : p.split, k_rank = kSplitN ? 0 : rank;  // up K blocks
+  const int k_lo = k_rank * kblocks / k_split, k_hi = (k_rank + 1) * kblocks / k_split;
+  const int dt_lo = rank * down_tiles / p.split, dt_hi = (rank + 1) * down_tiles / p.split;
+  // The ring's barriers do not depend on the routing: they are set up while its loads are in
+  // flight, not after them (bench/NOTES.md, item 64).
+  if (tid == 0) {
+    for (int s = 0; s < p.stages; ++s) {
+      ptx::mbar_init(&full[s], kProducerThreads);
+      ptx::mbar_init(&empty[s], WGS * 128);
+    }
+    ptx::mbar_init(&exchange[0], p.split);
+    ptx::mbar_init(&exchange[1], p.split);
+    ptx::fence_barrier_init();
+  }
+  if (first_slot >= used || expert < 0) {  // no tokens, or an expert not on this GPU
+    if (keeps_order) ptx::griddep_wait();
+    return;
+  }
+  if (p.tail_part == kMainUnits) {
+    const int units = (used + p.block_m - 1) / p.block_m * unit_slices;
+    if (unit >= units - tail_units(units, p.tail_wave, p.tail_room)) return;  // the tail's
+  }
+  // Slots fill a block from its start, so its first 32 tell whether it holds 16 tokens: warp
+  // 0 counts them for thread 0 (every warp counts its own slots; the others' counts go unused).
+  const bool valid = slot >= 0 && slot < p.M * p.top_k;
+  const bool full_block = __popc(__ballot_sync(0xffffffffu, valid)) >= kFullBlockTokens;
+  const bool only_block =
+      expert_before != expert && (expert_after != expert || first_slot + p.block_m >= used);
+
   const BlockInfo info{expert,
                        kAllSlices ? 0 : unit % slices,
                        kblocks,
                        (p.block_m + S - 1) / S,
                        kAllSlices ? slices : 1,
-                       k_rank * kblocks / k_split,
-                       (k_rank + 1) * kblocks / k_split,
-                       rank * down_tiles / p.split,
-                       (rank + 1) * down_tiles / p.split,
+                       k_lo,
+                       k_hi,
+                       dt_lo,
+                       dt_hi,
                        p.split,
                        rank,
                        kSplitN ? rank * kSliceRows / 2 : 0,
@@ -979,13 +992,6 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
                        tok_weight};
   const Ring ring{smem, full, empty, p.stages, L::kStageBytes};
   if (tid == 0) {
-    for (int s = 0; s < p.stages; ++s) {
-      ptx::mbar_init(&full[s], kProducerThreads);
-      ptx::mbar_init(&empty[s], WGS * 128);
-    }
-    ptx::mbar_init(&exchange[0], p.split);
-    ptx::mbar_init(&exchange[1], p.split);
-    ptx::fence_barrier_init();
     issue_first_pass<kAllSlices>(info, p.tiled != 0, ring);  // while the token rows load
   }
   if (tid < p.block_m) {  // block_m <= 128 <= blockDim.x

@@ -56,6 +56,12 @@ int device_smem_optin(int* bytes) {
   return AMOE_OK;
 }
 
+// Token halves: blocks of 72 or 80 tokens on two consumer warpgroups (bench/NOTES.md, item 45).
+bool token_halves(const Config& c) {
+  return consumer_wgs_for(c.block_n, c.warp_n) == 2 && c.block_m > 64 &&
+         c.block_m <= kVariantHalves.tokens;
+}
+
 // Chooses the variant for a config on the current device: the fewest token sub-tiles (the
 // largest T) whose accumulators fit the registers and whose shared memory fits the device,
 // so that every config of the seed's search space runs. *smem receives its size.
@@ -94,8 +100,7 @@ int resolve_config(const Config& c, int N, const FusedMoeVariant** variant, int*
   }
   int optin = 0;
   AMOE_TRY(device_smem_optin(&optin));
-  const bool halves = wgs == 2 && c.split == 1 && c.block_m > 64 &&
-                      c.block_m <= kVariantHalves.tokens;
+  const bool halves = c.split == 1 && token_halves(c);
   // One CTA per token block for every N slice (bench/NOTES.md, item 47); with one slice it is
   // the one-slice kernel.
   if (c.all_slices) {
@@ -198,8 +203,7 @@ int resolve_tail(const Config& c, int N, Config* tail, const FusedMoeVariant** v
                 "all_slices %d",
                 c.split, c.split_n, c.all_slices);
   }
-  const bool halves = consumer_wgs_for(c.block_n, c.warp_n) == 2 && c.block_m > 64 &&
-                      c.block_m <= kVariantHalves.tokens;
+  const bool halves = token_halves(c);
   if (halves && c.tail_split != 2) {
     return fail(AMOE_ERR_UNSUPPORTED,
                 "block_m %d runs its tail units as N halves: tail_split must be 2, got %d",

@@ -24,7 +24,7 @@ import {
   unitsOfWork,
   worthSplitting,
 } from "../src/tune.ts";
-import { benchPreamble } from "./_cli.ts";
+import { benchPreamble, fractionList, intList, oneOf, positiveInt, shapeList } from "./_cli.ts";
 import { targetBase, targetProblem } from "./_problems.ts";
 
 const HELP = `Usage: deno task bench:kernel [options]
@@ -97,13 +97,19 @@ async function main(): Promise<number> {
       help: { type: "boolean", short: "h", default: false },
     },
   });
-  const stop = benchPreamble("bench:kernel", HELP, values.help);
-  if (stop !== undefined) return stop;
-  if (!["read", "write", "none"].includes(values.flush)) {
-    console.error(`--flush must be read, write or none, got ${values.flush}`);
-    return 2;
-  }
-  const iterations = Number(values.iterations);
+  const opts = benchPreamble("bench:kernel", HELP, values.help, () => ({
+    shapes: shapeList("--shapes", values.shapes),
+    Ms: intList("--m", values.m),
+    balancedness: fractionList("--balancedness", values.balancedness),
+    iterations: positiveInt("--iterations", values.iterations),
+    blockMs: intList("--block-m", values["block-m"]),
+    stages: intList("--stages", values.stages),
+    splits: intList("--split", values.split),
+    tailSplits: intList("--tail-split", values["tail-split"], { allowEmpty: true }),
+    flush: oneOf<L2Flush>("--flush", values.flush, ["read", "write", "none"]),
+  }));
+  if (typeof opts === "number") return opts;
+  const { Ms, iterations } = opts;
   const { name: card, smCount } = deviceInfo();
   using timer = new Timer();
   const bandwidth = timer.copyBandwidth();
@@ -112,15 +118,13 @@ async function main(): Promise<number> {
   );
   const rows: Record<string, unknown>[] = [];
   const table: string[] = [];
-  const Ms = values.m.split(",").map(Number);
-  for (const name of values.shapes.split(",")) {
+  for (const name of opts.shapes) {
     const shape = MODEL_SHAPES[name];
-    if (!shape) throw new Error(`unknown shape ${name}: one of ${Object.keys(MODEL_SHAPES)}`);
     const { numExperts: E, N, K, topK } = shape;
     const base = targetBase(shape, Math.max(...Ms));
     let owner: DeviceMoeProblem | undefined;
     try {
-      for (const balancedness of values.balancedness.split(",").map(Number)) {
+      for (const balancedness of opts.balancedness) {
         for (const M of Ms) {
           const problem = targetProblem(base, shape, M, balancedness);
           const ids = problem.topkIds;
@@ -130,14 +134,14 @@ async function main(): Promise<number> {
           let best: { config: KernelConfig; us: number } | undefined;
           const grid = candidates(
             M,
-            values["block-m"].split(",").map(Number),
-            values.stages.split(",").map(Number),
-            values.split.split(",").map(Number),
+            opts.blockMs,
+            opts.stages,
+            opts.splits,
             (blockM) => unitsOfWork(tokensPerExpert(ids, E), blockM, N),
             smCount,
             N / 256,
             values["split-n"],
-            values["tail-split"] ? values["tail-split"].split(",").map(Number) : [],
+            opts.tailSplits,
           );
           for (const config of grid) {
             try {
@@ -147,7 +151,7 @@ async function main(): Promise<number> {
             }
             const t = timer.time(
               () => dev.run(config, { stream: timer.stream, outIsZeroed: true }),
-              { iterations, flush: values.flush as L2Flush },
+              { iterations, flush: opts.flush },
             );
             rows.push({
               shape: name,

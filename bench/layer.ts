@@ -28,7 +28,7 @@ import { prologueFits } from "../src/routing.ts";
 import { fillRandomFp8, randomLogUniform, randomNormal, Rng } from "../src/random.ts";
 import { Timer } from "../src/timing.ts";
 import { configKey } from "../src/tune.ts";
-import { benchPreamble } from "./_cli.ts";
+import { benchPreamble, intList, oneOf, positiveInt } from "./_cli.ts";
 
 const HELP = `Usage: deno task bench:layer [options]
   --m LIST          token counts (default 1)
@@ -54,14 +54,13 @@ function main(): number {
       help: { type: "boolean", short: "h", default: false },
     },
   });
-  const stop = benchPreamble("bench:layer", HELP, values.help);
-  if (stop !== undefined) return stop;
-  const iterations = Number(values.iterations);
-  const pathArg = values.path as typeof PATHS[number];
-  if (!PATHS.includes(pathArg)) {
-    console.error(`--path must be one of ${PATHS.join(", ")}, got ${values.path}`);
-    return 2;
-  }
+  const opts = benchPreamble("bench:layer", HELP, values.help, () => ({
+    Ms: intList("--m", values.m),
+    iterations: positiveInt("--iterations", values.iterations),
+    path: oneOf("--path", values.path, PATHS),
+  }));
+  if (typeof opts === "number") return opts;
+  const { iterations, path: pathArg } = opts;
   const card = deviceInfo().name;
   const rng = new Rng(1);
   using timer = new Timer();
@@ -93,7 +92,7 @@ function main(): number {
       `${((performance.now() - started) / 1000).toFixed(1)} s`,
   );
   const results: Record<string, unknown>[] = [];
-  for (const M of values.m.split(",").map(Number)) {
+  for (const M of opts.Ms) {
     using hidden = DeviceBuffer.from("bf16", [M, K], encodeBf16(randomNormal(rng, M * K)));
     using logits = DeviceBuffer.from("f32", [M, E], randomNormal(rng, M * E));
     layer.forward(hidden, logits); // scratch buffers, modules, tensor maps

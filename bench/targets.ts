@@ -18,7 +18,14 @@ import { deviceInfo } from "../src/device.ts";
 import { DeviceMoeProblem } from "../src/problem.ts";
 import { memoryFloorBytes, Timer } from "../src/timing.ts";
 import { configKey, MODEL_SHAPES } from "../src/tune.ts";
-import { benchPreamble } from "./_cli.ts";
+import {
+  benchPreamble,
+  fractionList,
+  intList,
+  positiveInt,
+  shapeList,
+  UsageError,
+} from "./_cli.ts";
 import { targetBase, targetProblem } from "./_problems.ts";
 
 const HELP = `Usage: deno task bench:targets [options]
@@ -63,15 +70,21 @@ async function main(): Promise<number> {
       help: { type: "boolean", short: "h", default: false },
     },
   });
-  const stop = benchPreamble("bench:targets", HELP, values.help);
-  if (stop !== undefined) return stop;
-  const tflops = values["fp8-tflops"] ? Number(values["fp8-tflops"]) : undefined;
-  if (tflops !== undefined && !(tflops > 0 && Number.isFinite(tflops))) {
-    console.error(`--fp8-tflops must be a positive number, got ${values["fp8-tflops"]}`);
-    return 2;
-  }
-  const iterations = Number(values.iterations);
-  const Ms = values.m.split(",").map(Number);
+  const opts = benchPreamble("bench:targets", HELP, values.help, () => {
+    const tflops = values["fp8-tflops"] ? Number(values["fp8-tflops"]) : undefined;
+    if (tflops !== undefined && !(tflops > 0 && Number.isFinite(tflops))) {
+      throw new UsageError(`--fp8-tflops must be a positive number, got "${values["fp8-tflops"]}"`);
+    }
+    return {
+      shapes: shapeList("--shapes", values.shapes),
+      Ms: intList("--m", values.m),
+      balancedness: fractionList("--balancedness", values.balancedness),
+      iterations: positiveInt("--iterations", values.iterations),
+      tflops,
+    };
+  });
+  if (typeof opts === "number") return opts;
+  const { Ms, iterations, tflops } = opts;
   const card = deviceInfo().name;
   const date = new Date().toISOString();
   using timer = new Timer();
@@ -86,9 +99,8 @@ async function main(): Promise<number> {
   const lines: string[] = [header];
   console.log(header);
   const cells: Record<string, unknown>[] = [];
-  for (const name of values.shapes.split(",")) {
+  for (const name of opts.shapes) {
     const shape = MODEL_SHAPES[name];
-    if (!shape) throw new Error(`unknown shape ${name}: one of ${Object.keys(MODEL_SHAPES)}`);
     const { numExperts: E, N, K, topK } = shape;
     const base = targetBase(shape, Math.max(...Ms));
     // Where the configs come from (pickConfig's order), e.g. the H100's tables on an H200.
@@ -101,7 +113,7 @@ async function main(): Promise<number> {
     console.log(`${name}: configs from ${table}`);
     let owner: DeviceMoeProblem | undefined;
     try {
-      for (const balancedness of values.balancedness.split(",").map(Number)) {
+      for (const balancedness of opts.balancedness) {
         for (const M of Ms) {
           const problem = targetProblem(base, shape, M, balancedness);
           const ids = problem.topkIds;

@@ -126,6 +126,9 @@ function main(): number {
         `  ${"outside the kernel".padEnd(24)}${fmt(device.outside)}${fmt(paced.outside)}`,
       );
       console.log(`  ${"whole forward".padEnd(24)}${fmt(device.total)}${fmt(paced.total)}`);
+      console.log(
+        `  ${"whole, no step events".padEnd(24)}${fmt(device.whole)}${fmt(paced.whole)}`,
+      );
       console.log(`  host time of forward(): ${device.hostUs.toFixed(1)} us (enqueue only)`);
       const outside = device.steps.filter((s) => s !== "fused");
       console.log(

@@ -15,6 +15,7 @@ __global__ void __launch_bounds__(kQuantWarpsPerBlock * kWarp)
     quant_fp8_group_kernel(const __nv_bfloat16* __restrict__ x, int64_t groups,
                            uint8_t* __restrict__ q, float* __restrict__ scale,
                            __nv_bfloat16* __restrict__ zero_out) {
+  allow_dependent_launch();  // the fused kernel's launch overlaps this one
   const int64_t g = static_cast<int64_t>(blockIdx.x) * kQuantWarpsPerBlock + threadIdx.x / kWarp;
   if (g >= groups) return;
   quant_group(x, g, q, scale, zero_out, threadIdx.x % kWarp);

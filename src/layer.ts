@@ -716,8 +716,11 @@ export interface ForwardTiming {
   fused: number;
   /** Everything outside the fused kernel (route + align + quantize, or prologue). */
   outside: number;
-  /** The whole forward. */
+  /** The whole forward, with events between its steps (which keep the steps apart). */
   total: number;
+  /** The whole forward with events at its ends only, as it runs in use: the fused kernel's
+   * launch overlaps the step before it. */
+  whole: number;
   /** Host time of one `forward()` call (enqueueing only, no waiting). */
   hostUs: number;
   /** Timed forwards. */
@@ -748,7 +751,8 @@ function medianOf(v: number[]): number {
 
 /**
  * Times `layer.forward(hidden, routerLogits)` step by step with CUDA events recorded on the
- * layer's stream between the steps; returns the medians. Synchronous (waits for every forward).
+ * layer's stream between the steps, and whole with events at its ends only; returns the
+ * medians. Synchronous (waits for every forward).
  * Allocates a 1 GiB scratch buffer for the duration of the call.
  */
 export function timeForward(
@@ -777,8 +781,12 @@ export function timeForward(
     };
     const us = (a: LayerStep, b: LayerStep): number =>
       1000 * CudaEvent.elapsed(events.get(a)!, events.get(b)!);
-    const samples = new Map<TimedStep | "outside" | "total" | "hostUs", number[]>();
-    const push = (key: TimedStep | "outside" | "total" | "hostUs", v: number): void => {
+    const onEnds = (step: LayerStep): void => {
+      if (step === order[0] || step === "done") onStep(step);
+    };
+    type Key = TimedStep | "outside" | "total" | "whole" | "hostUs";
+    const samples = new Map<Key, number[]>();
+    const push = (key: Key, v: number): void => {
       const list = samples.get(key) ?? [];
       list.push(v);
       samples.set(key, list);
@@ -793,8 +801,13 @@ export function timeForward(
       for (let s = 0; s < steps.length; s++) push(steps[s], us(order[s], order[s + 1]));
       push("outside", us(order[0], "fused"));
       push("total", us(order[0], "done"));
+      delay.zero(stream);
+      if (options.pace === "host") stream.synchronize();
+      layer.forward(hidden, routerLogits, { onStep: onEnds, path });
+      stream.synchronize();
+      push("whole", us(order[0], "done"));
     }
-    const median = (key: TimedStep | "outside" | "total" | "hostUs"): number => {
+    const median = (key: Key): number => {
       const list = samples.get(key);
       return list === undefined ? 0 : medianOf(list);
     };
@@ -808,6 +821,7 @@ export function timeForward(
       fused: median("fused"),
       outside: median("outside"),
       total: median("total"),
+      whole: median("whole"),
       hostUs: median("hostUs"),
       iterations,
     };

@@ -313,7 +313,8 @@ async function runOnGpu(
   for (const s of t.steps) console.log(`  ${names[s].padEnd(18)} ${t[s].toFixed(1)} µs`);
   console.log(
     `fused kernel: ${t.fused.toFixed(1)} µs, ${(100 * t.fused / t.total).toFixed(0)} % of the ` +
-      `${t.total.toFixed(1)} µs forward (outside the kernel: ${t.outside.toFixed(1)} µs)`,
+      `${t.total.toFixed(1)} µs forward (outside the kernel: ${t.outside.toFixed(1)} µs); ` +
+      `${t.whole.toFixed(1)} µs without events between the steps`,
   );
 
   const rows = sampleRows(M, rowCount);

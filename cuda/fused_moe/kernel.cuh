@@ -881,10 +881,28 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
   const int unit_slices = kAllSlices ? 1 : slices;
   const int tid = threadIdx.x;
   int unit = blockIdx.x / p.split;
+  // The tensor maps' descriptors are fetched before anything else, not on the first TMA.
+  if (tid == 0) {
+    ptx::prefetch_tensor_map(&weights.w);
+    ptx::prefetch_tensor_map(&weights.w2);
+    ptx::prefetch_tensor_map(&weights.w_stream);
+    ptx::prefetch_tensor_map(&weights.w2_stream);
+    if (kSplitN) {
+      ptx::prefetch_tensor_map(&weights.w_half);
+      ptx::prefetch_tensor_map(&weights.w_half_stream);
+    }
+  }
+  // The launch (the main one, or the only one) is a programmatic dependent of the kernel
+  // before it in the stream (fused_moe.cu). After the prologue or the quantiser, which allow it
+  // at their start, the CTAs start while that kernel runs and wait here for its writes (the
+  // routing, x, and `out` zeroed); after any other kernel the launch starts when that kernel
+  // ends and the wait returns at once. Nothing global is read or written above this line.
+  if (p.tail_part != kTailUnits) ptx::griddep_wait();
   // The tail launch (this grid's dependent) takes SMs as they free up once every CTA of the
-  // main launch has started: when its last wave drains. The tail launch's first CTA waits for
-  // the main launch before it exits, whether it has a unit or not, so that the tail launch ends
-  // after the main one and the pair keeps stream order; the other tail CTAs need not wait.
+  // main launch has started (and passed the wait above): when its last wave drains. The tail
+  // launch's first CTA waits for the main launch before it exits, whether it has a unit or
+  // not, so that the tail launch ends after the main one and the pair keeps stream order; the
+  // other tail CTAs need not wait.
   if (p.tail_part == kMainUnits) ptx::griddep_launch_dependents();
   const bool keeps_order = p.tail_part == kTailUnits && blockIdx.x == 0 && tid == 0;
   if (p.tail_part == kTailUnits) {
@@ -897,18 +915,6 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
     unit += units - tail;
   }
   const int block = unit / unit_slices;
-  // The tensor maps' descriptors are fetched while the routing loads are in flight, not on
-  // the first TMA after them.
-  if (tid == 0) {
-    ptx::prefetch_tensor_map(&weights.w);
-    ptx::prefetch_tensor_map(&weights.w2);
-    ptx::prefetch_tensor_map(&weights.w_stream);
-    ptx::prefetch_tensor_map(&weights.w2_stream);
-    if (kSplitN) {
-      ptx::prefetch_tensor_map(&weights.w_half);
-      ptx::prefetch_tensor_map(&weights.w_half_stream);
-    }
-  }
   // The routing values are independent loads, issued together: one memory latency before the
   // first TMA, not three. The neighbours' experts say whether this block is its expert's only
   // one. sorted_len need not be a multiple of block_m: the last block's tail is not read. The

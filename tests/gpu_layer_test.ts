@@ -196,7 +196,8 @@ gpuTest("no allocation per forward at a seen M; a captured forward replays exact
     routedScalingFactor: 2,
   };
   using stream = new Stream();
-  using layer = new MoeLayer({ ...spec, experts: randomExperts(rng, E + 1, K, I), stream });
+  const experts = randomExperts(rng, E + 1, K, I);
+  using layer = new MoeLayer({ ...spec, experts, stream });
   using h = DeviceBuffer.from("bf16", [M, K], encodeBf16(randomNormal(rng, M * K)));
   using l = DeviceBuffer.from("f32", [M, E], randomNormal(rng, M * E));
   const first = layer.forward(h, l).download();
@@ -228,6 +229,27 @@ gpuTest("no allocation per forward at a seen M; a captured forward replays exact
   stream.synchronize();
   const c = decodeBf16(out2.download());
   assert.ok(relativeL2(c, b) < 1e-2, `prologue graph replay differs: ${relativeL2(c, b)}`);
+  // New inputs between replays reach the fused kernel: it starts while the prologue runs
+  // (programmatic launch) and must wait for the prologue's routing, activations and zeroed
+  // output, not read the last replay's. Checked against the CPU reference of the new inputs.
+  const hidden2 = encodeBf16(randomNormal(rng, M * K));
+  const logits2 = randomNormal(rng, M * E, 0, 2);
+  h.upload(hidden2);
+  l.upload(logits2);
+  graph2.launch(stream);
+  stream.synchronize();
+  const ref2 = moeLayerReference({
+    ...spec,
+    experts,
+    M,
+    hidden: hidden2,
+    routerLogits: logits2,
+  });
+  const d = decodeBf16(out2.download());
+  assert.ok(
+    relativeL2(d, ref2.out) <= TOLERANCE,
+    `new inputs: relative L2 ${relativeL2(d, ref2.out)}`,
+  );
   // The steps are reported in order, on either path (M = 40: "auto" is the separate path).
   assert.equal(layer.pathFor(M), "separate");
   const steps: string[] = [];

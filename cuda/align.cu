@@ -4,6 +4,7 @@
 // allocation, no synchronisation.
 #include <cstdint>
 
+#include "griddep.cuh"
 #include "moe_ops/align.cuh"
 #include "moe_ops/validate.cuh"
 #include "status.cuh"
@@ -15,8 +16,12 @@ namespace ops {
 
 // ---- small path: one block ----
 
+// Both paths' first kernel follows the routing as a programmatic dependent, and the last one
+// lets the quantiser's launch overlap it (griddep.cuh).
 __global__ void __launch_bounds__(kAlignSmallThreads) align_small_kernel(const AlignParams p) {
   extern __shared__ int smem[];
+  griddep::allow_dependents();
+  griddep::wait();
   align_small_block(p, smem);
 }
 
@@ -26,6 +31,7 @@ __global__ void __launch_bounds__(kAlignSmallThreads) align_small_kernel(const A
 __global__ void __launch_bounds__(kAlignWarpsPerBlock * kWarp)
     align_count_kernel(const AlignParams p) {
   extern __shared__ int smem[];
+  griddep::wait();
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const int g = blockIdx.x * kAlignWarpsPerBlock + warp;
   if (g >= p.segments) return;
@@ -81,6 +87,7 @@ __global__ void __launch_bounds__(kAlignScanThreads) align_scan_kernel(const Ali
 __global__ void __launch_bounds__(kAlignWarpsPerBlock * kWarp)
     align_scatter_kernel(const AlignParams p) {
   extern __shared__ int smem[];
+  griddep::allow_dependents();
   int* start = smem;               // [E + 1]
   int* run = smem + p.E + 1;       // [warps][E]
   const int tid = threadIdx.x, lane = tid % kWarp, warp = tid / kWarp;
@@ -161,9 +168,10 @@ int amoe_moe_align_block_size(const int32_t* topk_ids, int32_t num_slots, int32_
   const cudaStream_t s = static_cast<cudaStream_t>(stream);
 
   if (need == 0) {
-    ops::align_small_kernel<<<1, ops::kAlignSmallThreads, ops::align_small_smem_bytes(num_experts),
-                              s>>>(p);
-    return check_cuda(cudaGetLastError(), "align_small_kernel launch");
+    return check_cuda(griddep::launch_dependent(ops::align_small_kernel, dim3(1),
+                                                dim3(ops::kAlignSmallThreads),
+                                                ops::align_small_smem_bytes(num_experts), s, p),
+                      "align_small_kernel launch");
   }
   ops::align_segments(num_slots, &p.segment, &p.segments);
   p.counts = static_cast<int32_t*>(workspace);
@@ -171,8 +179,8 @@ int amoe_moe_align_block_size(const int32_t* topk_ids, int32_t num_slots, int32_
   const int blocks = (p.segments + ops::kAlignWarpsPerBlock - 1) / ops::kAlignWarpsPerBlock;
   const int threads = ops::kAlignWarpsPerBlock * ops::kWarp;
   const size_t count_smem = sizeof(int) * ops::kAlignWarpsPerBlock * num_experts;
-  ops::align_count_kernel<<<blocks, threads, count_smem, s>>>(p);
-  AMOE_CUDA(cudaGetLastError());
+  AMOE_CUDA(griddep::launch_dependent(ops::align_count_kernel, dim3(blocks), dim3(threads),
+                                      count_smem, s, p));
   ops::align_scan_kernel<<<1, ops::kAlignScanThreads, 0, s>>>(p);
   AMOE_CUDA(cudaGetLastError());
   const size_t scatter_smem = count_smem + sizeof(int) * (num_experts + 1);

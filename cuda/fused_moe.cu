@@ -428,7 +428,7 @@ int amoe_fused_moe_w8a8_up_down(const void* x, const float* x_scale, const void*
   AMOE_REQUIRE(ctas <= INT32_MAX, "too many token blocks x N slices x split for one launch");
   l.grid = dim3(unsigned(ctas), 1, 1);
   l.stream = static_cast<cudaStream_t>(stream);
-  l.dependent = true;  // overlaps the prologue's or quantiser's work (kernel.cuh, griddep_wait)
+  l.dependent = true;  // overlaps the prologue or the quantiser (griddep.cuh)
   if (c.tail_split == 1) return variant->launch(l, smem);
 
   // Tail units: which units they are depends on the routing, so both launches work it out on

@@ -3,6 +3,7 @@
 // launches on the caller's stream. No allocation, no synchronisation.
 #include <cstdint>
 
+#include "griddep.cuh"
 #include "moe_ops/routing.cuh"
 #include "moe_ops/validate.cuh"
 #include "status.cuh"
@@ -10,11 +11,13 @@
 namespace amoe {
 namespace ops {
 
-// The kernels (the device code they run is in moe_ops/routing.cuh): one warp per token.
+// The kernels (the device code they run is in moe_ops/routing.cuh): one warp per token. Each
+// lets the alignment's launch overlap it (griddep.cuh).
 
 template <int VPL>
 __global__ void __launch_bounds__(kRoutingWarpsPerBlock * kWarp)
     topk_softmax_kernel(const RoutingParams p) {
+  griddep::allow_dependents();
   const int token = blockIdx.x * kRoutingWarpsPerBlock + threadIdx.x / kWarp;
   if (token >= p.M) return;
   route_softmax_token<VPL>(p, token, threadIdx.x % kWarp);
@@ -24,6 +27,7 @@ template <int VPL>
 __global__ void __launch_bounds__(kRoutingWarpsPerBlock * kWarp)
     topk_grouped_sigmoid_kernel(const RoutingParams p) {
   __shared__ uint32_t smem[kRoutingWarpsPerBlock][VPL * kWarp];
+  griddep::allow_dependents();
   const int warp = threadIdx.x / kWarp;
   const int token = blockIdx.x * kRoutingWarpsPerBlock + warp;
   if (token >= p.M) return;

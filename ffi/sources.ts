@@ -20,20 +20,21 @@ import s7 from "../cuda/fused_moe/wgmma_fp8.cuh" with { type: "text" };
 import s8 from "../cuda/fused_moe_split_n.cu" with { type: "text" };
 import s9 from "../cuda/fused_moe_wg1.cu" with { type: "text" };
 import s10 from "../cuda/fused_moe_wg2.cu" with { type: "text" };
-import s11 from "../cuda/moe_ops/align.cuh" with { type: "text" };
-import s12 from "../cuda/moe_ops/prologue.cuh" with { type: "text" };
-import s13 from "../cuda/moe_ops/quant.cuh" with { type: "text" };
-import s14 from "../cuda/moe_ops/routing.cuh" with { type: "text" };
-import s15 from "../cuda/moe_ops/validate.cuh" with { type: "text" };
-import s16 from "../cuda/moe_ops/warp.cuh" with { type: "text" };
-import s17 from "../cuda/prologue.cu" with { type: "text" };
-import s18 from "../cuda/quant.cu" with { type: "text" };
-import s19 from "../cuda/routing.cu" with { type: "text" };
-import s20 from "../cuda/status.cu" with { type: "text" };
-import s21 from "../cuda/status.cuh" with { type: "text" };
-import s22 from "../cuda/unfused.cu" with { type: "text" };
-import s23 from "../cuda/unfused/kernels.cuh" with { type: "text" };
-import s24 from "../cuda/weights.cu" with { type: "text" };
+import s11 from "../cuda/griddep.cuh" with { type: "text" };
+import s12 from "../cuda/moe_ops/align.cuh" with { type: "text" };
+import s13 from "../cuda/moe_ops/prologue.cuh" with { type: "text" };
+import s14 from "../cuda/moe_ops/quant.cuh" with { type: "text" };
+import s15 from "../cuda/moe_ops/routing.cuh" with { type: "text" };
+import s16 from "../cuda/moe_ops/validate.cuh" with { type: "text" };
+import s17 from "../cuda/moe_ops/warp.cuh" with { type: "text" };
+import s18 from "../cuda/prologue.cu" with { type: "text" };
+import s19 from "../cuda/quant.cu" with { type: "text" };
+import s20 from "../cuda/routing.cu" with { type: "text" };
+import s21 from "../cuda/status.cu" with { type: "text" };
+import s22 from "../cuda/status.cuh" with { type: "text" };
+import s23 from "../cuda/unfused.cu" with { type: "text" };
+import s24 from "../cuda/unfused/kernels.cuh" with { type: "text" };
+import s25 from "../cuda/weights.cu" with { type: "text" };
 
 /** Every CUDA source and header of the package, by path relative to `cuda/`, sorted. */
 export const CUDA_SOURCES: Readonly<Record<string, string>> = Object.freeze({
@@ -48,18 +49,19 @@ export const CUDA_SOURCES: Readonly<Record<string, string>> = Object.freeze({
   "fused_moe_split_n.cu": s8,
   "fused_moe_wg1.cu": s9,
   "fused_moe_wg2.cu": s10,
-  "moe_ops/align.cuh": s11,
-  "moe_ops/prologue.cuh": s12,
-  "moe_ops/quant.cuh": s13,
-  "moe_ops/routing.cuh": s14,
-  "moe_ops/validate.cuh": s15,
-  "moe_ops/warp.cuh": s16,
-  "prologue.cu": s17,
-  "quant.cu": s18,
-  "routing.cu": s19,
-  "status.cu": s20,
-  "status.cuh": s21,
-  "unfused.cu": s22,
-  "unfused/kernels.cuh": s23,
-  "weights.cu": s24,
+  "griddep.cuh": s11,
+  "moe_ops/align.cuh": s12,
+  "moe_ops/prologue.cuh": s13,
+  "moe_ops/quant.cuh": s14,
+  "moe_ops/routing.cuh": s15,
+  "moe_ops/validate.cuh": s16,
+  "moe_ops/warp.cuh": s17,
+  "prologue.cu": s18,
+  "quant.cu": s19,
+  "routing.cu": s20,
+  "status.cu": s21,
+  "status.cuh": s22,
+  "unfused.cu": s23,
+  "unfused/kernels.cuh": s24,
+  "weights.cu": s25,
 });

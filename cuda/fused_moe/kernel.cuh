@@ -86,6 +86,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "../griddep.cuh"
 #include "ptx.cuh"
 #include "wgmma_fp8.cuh"
 
@@ -893,23 +894,22 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
     }
   }
   // The launch (the main one, or the only one) is a programmatic dependent of the kernel
-  // before it in the stream (fused_moe.cu). After the prologue or the quantiser, which allow it
-  // at their start, the CTAs start while that kernel runs and wait here for its writes (the
-  // routing, x, and `out` zeroed); after any other kernel the launch starts when that kernel
-  // ends and the wait returns at once. Nothing global is read or written above this line.
-  if (p.tail_part != kTailUnits) ptx::griddep_wait();
+  // before it in the stream (griddep.cuh): after the prologue or the quantiser the CTAs start
+  // while that kernel runs and wait here for its writes (the routing, x, and `out` zeroed).
+  // Nothing global is read or written above this line.
+  if (p.tail_part != kTailUnits) griddep::wait();
   // The tail launch (this grid's dependent) takes SMs as they free up once every CTA of the
   // main launch has started (and passed the wait above): when its last wave drains. The tail
   // launch's first CTA waits for the main launch before it exits, whether it has a unit or
   // not, so that the tail launch ends after the main one and the pair keeps stream order; the
   // other tail CTAs need not wait.
-  if (p.tail_part == kMainUnits) ptx::griddep_launch_dependents();
+  if (p.tail_part == kMainUnits) griddep::allow_dependents();
   const bool keeps_order = p.tail_part == kTailUnits && blockIdx.x == 0 && tid == 0;
   if (p.tail_part == kTailUnits) {
     const int units = (*p.num_tokens_post_padded + p.block_m - 1) / p.block_m * unit_slices;
     const int tail = tail_units(units, p.tail_wave, p.tail_room);
     if (unit >= tail) {
-      if (keeps_order) ptx::griddep_wait();
+      if (keeps_order) griddep::wait();
       return;
     }
     unit += units - tail;
@@ -963,7 +963,7 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
     ptx::fence_barrier_init();
   }
   if (first_slot >= used || expert < 0) {  // no tokens, or an expert not on this GPU
-    if (keeps_order) ptx::griddep_wait();
+    if (keeps_order) griddep::wait();
     return;
   }
   if (p.tail_part == kMainUnits) {
@@ -1017,7 +1017,7 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
   if (tid < 128) {
     if constexpr (WGS > 1) ptx::setmaxnreg_dec<56>();
     produce<S, kAllSlices>(p, info, ring, tid);
-    if (keeps_order) ptx::griddep_wait();  // after its own unit's tiles are issued
+    if (keeps_order) griddep::wait();  // after its own unit's tiles are issued
   } else {
     if constexpr (WGS > 1) ptx::setmaxnreg_inc<224>();
     consume<T, WGS, kHalves, kAllSlices, kSplitN>(p, info, ring, act, staging, partial, amax, act_scale,

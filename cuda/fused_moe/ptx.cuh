@@ -65,15 +65,6 @@ __device__ __forceinline__ uint64_t policy_evict_last() {
   return p;
 }
 
-// ---- programmatic dependent launch (tail units, fused_moe.cu) ----
-// Lets the next kernel in the stream, launched with programmatic stream serialization, be
-// scheduled once every CTA of this grid has executed this or exited.
-__device__ __forceinline__ void griddep_launch_dependents() {
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-}
-// Waits until the grids this one depends on have completed and their writes are visible.
-__device__ __forceinline__ void griddep_wait() { asm volatile("griddepcontrol.wait;" ::: "memory"); }
-
 // ---- TMA ----
 __device__ __forceinline__ void prefetch_tensor_map(const CUtensorMap* map) {
   asm volatile("prefetch.tensormap [%0];" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");

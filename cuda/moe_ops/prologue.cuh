@@ -22,6 +22,7 @@
 
 #include <cstdint>
 
+#include "../griddep.cuh"
 #include "align.cuh"
 #include "quant.cuh"
 #include "routing.cuh"
@@ -62,7 +63,7 @@ static_assert((kAlignSmallWarps * kMaxAlignExperts + kMaxAlignExperts + 1 + kWar
 template <int VPL, bool kGrouped>
 __global__ void __launch_bounds__(kPrologueThreads) moe_prologue_kernel(const PrologueParams p) {
   extern __shared__ int smem[];
-  allow_dependent_launch();  // the fused kernel's launch overlaps this one
+  griddep::allow_dependents();  // the fused kernel's launch overlaps this one
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   if (blockIdx.x > 0) {
     const int64_t g = static_cast<int64_t>(blockIdx.x - 1) * kPrologueWarps + warp;

@@ -1,5 +1,5 @@
-// warp.cuh: warp-, block- and grid-level helpers shared by the routing, alignment and
-// quantisation kernels (moe_ops/*.cuh). Device code only; every function is inline.
+// warp.cuh: warp- and block-level helpers shared by the routing, alignment and quantisation
+// kernels (moe_ops/*.cuh). Device code only; every function is inline.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -11,13 +11,6 @@ namespace ops {
 
 constexpr unsigned kFullMask = 0xffffffffu;
 constexpr int kWarp = 32;
-
-// Lets the next kernel in the stream start before this grid ends, if it was launched as a
-// programmatic dependent: the fused kernel is, and waits for this grid's writes before it
-// reads any of them (griddepcontrol.wait), so its launch and set-up overlap this grid's work.
-__device__ __forceinline__ void allow_dependent_launch() {
-  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-}
 
 // A candidate of a top-k round: a value and the expert index it belongs to. `index` is
 // INT32_MAX for "no candidate" (so any real candidate, even one of value -inf, beats it).

@@ -229,27 +229,22 @@ gpuTest("no allocation per forward at a seen M; a captured forward replays exact
   stream.synchronize();
   const c = decodeBf16(out2.download());
   assert.ok(relativeL2(c, b) < 1e-2, `prologue graph replay differs: ${relativeL2(c, b)}`);
-  // New inputs between replays reach the fused kernel: it starts while the prologue runs
-  // (programmatic launch) and must wait for the prologue's routing, activations and zeroed
-  // output, not read the last replay's. Checked against the CPU reference of the new inputs.
+  // New inputs between replays reach every step: on either path each launch after the first
+  // starts while the one before it runs (programmatic launch) and must wait for its writes, not
+  // read the last replay's. Checked against the CPU reference of the new inputs.
   const hidden2 = encodeBf16(randomNormal(rng, M * K));
   const logits2 = randomNormal(rng, M * E, 0, 2);
   h.upload(hidden2);
   l.upload(logits2);
+  graph.launch(stream);
   graph2.launch(stream);
   stream.synchronize();
-  const ref2 = moeLayerReference({
-    ...spec,
-    experts,
-    M,
-    hidden: hidden2,
-    routerLogits: logits2,
-  });
-  const d = decodeBf16(out2.download());
-  assert.ok(
-    relativeL2(d, ref2.out) <= TOLERANCE,
-    `new inputs: relative L2 ${relativeL2(d, ref2.out)}`,
-  );
+  const ref2 = moeLayerReference({ ...spec, experts, M, hidden: hidden2, routerLogits: logits2 });
+  for (const [name, buffer] of [["separate", out], ["prologue", out2]] as const) {
+    const got = decodeBf16(buffer.download());
+    const err = relativeL2(got, ref2.out);
+    assert.ok(err <= TOLERANCE, `${name} path, new inputs: relative L2 ${err}`);
+  }
   // The steps are reported in order, on either path (M = 40: "auto" is the separate path).
   assert.equal(layer.pathFor(M), "separate");
   const steps: string[] = [];

@@ -7,6 +7,14 @@
  * stream). Entries that touch the GPU first select the device chosen by amoe_set_device
  * (default 0), because CUDA's current device is per host thread and Deno calls from
  * several threads.
+ *
+ * Kernels in a stream: amoe_moe_align_block_size, amoe_quant_fp8_per_token_group and
+ * amoe_fused_moe_w8a8_up_down launch as programmatic dependents of the kernel before them
+ * and wait for its completion before touching memory, so any kernel may precede them. The
+ * routing entries, the alignment, the quantiser and amoe_moe_prologue let the next kernel
+ * launch early (griddepcontrol.launch_dependents): a kernel of yours launched after them
+ * with programmatic stream serialization must run griddepcontrol.wait before it reads their
+ * outputs; an ordinary launch needs nothing.
  */
 #ifndef ALPHA_MOE_H
 #define ALPHA_MOE_H

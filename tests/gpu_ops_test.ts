@@ -25,7 +25,7 @@ import {
 import { loadSafetensors } from "../src/safetensors.ts";
 import { gpuTest } from "./_gpu.ts";
 
-const MS = [1, 5, 128, 4097];
+const MS = [1, 3, 5, 128, 4097];
 const ES = [8, 257, 512];
 
 /** Logits with many exact ties (rows from 3 values), some rows all equal, the rest normal. */
@@ -208,8 +208,8 @@ gpuTest("moe_align_block_size equals the CPU reference entry for entry", () => {
       cases += 3;
     }
   }
-  // Around the one-launch limit (8192 slots), and no slots at all.
-  for (const n of [0, 8191, 8192, 8193, 16384]) {
+  // Around the one-warp limit (32 slots) and the one-launch limit (8192), and no slots at all.
+  for (const n of [0, 31, 32, 33, 8191, 8192, 8193, 16384]) {
     checkAlign(randomIds(rng, n, 1, 257), 257, 16, `${n} slots`);
     cases++;
   }
@@ -327,7 +327,7 @@ gpuTest("bad arguments are refused before anything is enqueued", () => {
 
 // ---- the single-launch prologue (routing + alignment + quantisation + zeroing) ----
 
-const PROLOGUE_MS = [1, 5, 128, 400];
+const PROLOGUE_MS = [1, 3, 5, 128, 400];
 
 /** The layouts' expert counts (routed + a shared expert when there is one), and the routing
  * methods of each routed count: grouped ones that exercise groups of one, of 32 and of more

@@ -17,6 +17,8 @@
 // atomics, keeping the order. Pass 1 counts per (segment, expert); a scan over segments and
 // experts gives every (segment, expert) its first position; pass 2 walks the segments again
 // and writes each slot there.
+//   - up to 32 slots (a few tokens): one warp lays them out and the block pads the rest
+//     (align_warp_block), inside the one-block path below;
 //   - up to kAlignSmallMaxSlots slots: one block of 16 warps does all of it (one launch;
 //     align_small_block, which the single-launch prologue (moe_ops/prologue.cuh) calls too,
 //     after routing in the same block). Segments are whole warps' worth of slots, so a small
@@ -145,6 +147,47 @@ __device__ __forceinline__ void pad_run(const AlignParams& p, int start, int cou
 
 __device__ __forceinline__ int round_up_to(int v, int m) { return (v + m - 1) / m * m; }
 
+// ---- up to 32 slots: one warp lays them out, the block writes the padding ----
+constexpr int kAlignWarpMaxSlots = kWarp;
+
+// The layout of at most 32 slots (a few tokens: decode) without the count / scan / scatter
+// passes: lane i holds slot i, the lanes of one expert find each other (__match_any_sync),
+// and each expert's first position is the padded counts of the smaller experts, summed over
+// the lanes that lead their expert. One read of the ids instead of two, one __syncthreads
+// instead of five, no scan. The same layout as align_small_block. Every thread of the block
+// must call it; `smem`: one int.
+__device__ __forceinline__ void align_warp_block(const AlignParams& p, int* smem) {
+  const int tid = threadIdx.x, lane = tid % kWarp;
+  if (tid < kWarp) {
+    const int e = lane < p.num_slots ? __ldcg(p.topk_ids + lane) : -1;
+    const bool valid = valid_expert(e, p.E);
+    const unsigned peers = __match_any_sync(kFullMask, valid ? e : -1);
+    const int count = __popc(peers);
+    const bool leads = valid && lane == __ffs(peers) - 1;
+    const int padded = leads ? round_up_to(count, p.block_m) : 0;
+    int start = 0, ntpp = 0;
+    for (int j = 0; j < kWarp; ++j) {
+      const int ej = __shfl_sync(kFullMask, e, j);
+      const int pj = __shfl_sync(kFullMask, padded, j);  // 0 unless lane j leads its expert
+      if (ej < e) start += pj;
+      ntpp += pj;
+    }
+    if (valid) p.sorted[start + __popc(peers & lanemask_lt())] = lane;
+    if (leads) {
+      for (int i = start + count; i < start + padded; ++i) p.sorted[i] = p.num_slots;
+      for (int b = start / p.block_m; b < (start + padded) / p.block_m; ++b) p.expert_ids[b] = e;
+    }
+    if (lane == 0) {
+      *p.ntpp = ntpp;
+      *smem = ntpp;
+    }
+  }
+  __syncthreads();
+  const int ntpp = *smem;
+  fill_tail(p, ntpp, tid, blockDim.x);
+  for (int b = ntpp / p.block_m + tid; b < p.num_blocks; b += blockDim.x) p.expert_ids[b] = 0;
+}
+
 // ---- small path: one block does everything ----
 // Shared memory: cnt[16][E], start[E + 1], scan scratch[33].
 __host__ __device__ inline int align_small_smem_bytes(int E) {
@@ -154,6 +197,10 @@ __host__ __device__ inline int align_small_smem_bytes(int E) {
 // The whole layout by one block of kAlignSmallThreads threads; every thread of the block must
 // call it (it contains __syncthreads). `smem`: align_small_smem_bytes(E) bytes.
 __device__ __forceinline__ void align_small_block(const AlignParams& p, int* smem) {
+  if (p.num_slots <= kAlignWarpMaxSlots) {
+    align_warp_block(p, smem);
+    return;
+  }
   int* cnt = smem;  // [warps][E]: per-warp counts, then each warp's first position per expert
   int* start = cnt + kAlignSmallWarps * p.E;
   int* scratch = start + p.E + 1;

@@ -85,6 +85,24 @@ export function oneOf<T extends string>(option: string, text: string, choices: r
 }
 
 /**
+ * Runs a script's `main`: an option node:util's `parseArgs` refuses (unknown, or missing its
+ * value) prints `${task}: <why>` and gives 2, like the usage errors of {@link benchPreamble}.
+ */
+export async function runBench(
+  task: string,
+  main: () => number | Promise<number>,
+): Promise<number> {
+  try {
+    return await main();
+  } catch (err) {
+    const code = (err as { code?: unknown }).code;
+    if (!(err instanceof TypeError) || !String(code).startsWith("ERR_PARSE_ARGS")) throw err;
+    console.error(`${task}: ${err.message}`);
+    return 2;
+  }
+}
+
+/**
  * Help (printed: 0), then `parse` (a {@link UsageError} printed: 2), then the GPU probe (no
  * Hopper GPU: 1): the exit code to stop with, or the parsed options to go on with.
  */

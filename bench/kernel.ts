@@ -24,7 +24,15 @@ import {
   unitsOfWork,
   worthSplitting,
 } from "../src/tune.ts";
-import { benchPreamble, fractionList, intList, oneOf, positiveInt, shapeList } from "./_cli.ts";
+import {
+  benchPreamble,
+  fractionList,
+  intList,
+  oneOf,
+  positiveInt,
+  runBench,
+  shapeList,
+} from "./_cli.ts";
 import { targetBase, targetProblem } from "./_problems.ts";
 
 const HELP = `Usage: deno task bench:kernel [options]
@@ -195,4 +203,4 @@ async function main(): Promise<number> {
   return 0;
 }
 
-if (import.meta.main) Deno.exit(await main());
+if (import.meta.main) Deno.exit(await runBench("bench:kernel", main));

@@ -28,7 +28,7 @@ import { prologueFits } from "../src/routing.ts";
 import { fillRandomFp8, randomLogUniform, randomNormal, Rng } from "../src/random.ts";
 import { Timer } from "../src/timing.ts";
 import { configKey } from "../src/tune.ts";
-import { benchPreamble, intList, oneOf, positiveInt } from "./_cli.ts";
+import { benchPreamble, intList, oneOf, positiveInt, runBench } from "./_cli.ts";
 
 const HELP = `Usage: deno task bench:layer [options]
   --m LIST          token counts (default 1)
@@ -152,4 +152,4 @@ function main(): number {
   return 0;
 }
 
-if (import.meta.main) Deno.exit(main());
+if (import.meta.main) Deno.exit(await runBench("bench:layer", main));

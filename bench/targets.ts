@@ -23,6 +23,7 @@ import {
   fractionList,
   intList,
   positiveInt,
+  runBench,
   shapeList,
   UsageError,
 } from "./_cli.ts";
@@ -174,4 +175,4 @@ async function main(): Promise<number> {
   return 0;
 }
 
-if (import.meta.main) Deno.exit(await main());
+if (import.meta.main) Deno.exit(await runBench("bench:targets", main));

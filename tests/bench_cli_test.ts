@@ -122,6 +122,8 @@ Deno.test("bench scripts: bad options exit 2 naming the option, before the GPU p
     ["targets.ts", ["--fp8-tflops=-3"], /^bench:targets: --fp8-tflops .*"-3"/m],
     ["layer.ts", ["--iterations", "ten"], /^bench:layer: --iterations .*"ten"/m],
     ["layer.ts", ["--path", "fast"], /^bench:layer: --path must be one of .*"fast"/m],
+    ["kernel.ts", ["--nope"], /^bench:kernel: .*--nope/m],
+    ["targets.ts", ["--m"], /^bench:targets: .*--m/m],
   ];
   await Promise.all(cases.map(async ([script, args, expected]) => {
     const { code, stdout, stderr } = await bench(script, args);

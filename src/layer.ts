@@ -13,7 +13,9 @@
  *
  * For small batches (up to {@link PROLOGUE_MAX_TOKENS} tokens, see {@link MoeLayer.pathFor})
  * steps 1-3 are one launch instead, **prologue** (`moePrologue`), with the same results bit for
- * bit: at M = 1 each launch costs more than its work.
+ * bit: at M = 1 each launch costs more than its work. On either path each launch after the
+ * first is a programmatic dependent of the one before it (cuda/griddep.cuh): it starts while
+ * that one runs and waits for its writes, so its launch and set-up are off the forward's time.
  *
  * The experts' weights are uploaded once, as the checkpoint stores them, and turned into the
  * kernel's stored tiles on the GPU, gate/up interleaved on the way (`weightLayout: "tiles"`,

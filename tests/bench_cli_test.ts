@@ -2,7 +2,7 @@
 // then usage errors (exit 2), then the GPU probe (exit 1)), and the scripts run as subprocesses
 // with bad options, which must exit 2 naming the option on any machine, GPU or not.
 import assert from "node:assert/strict";
-import { fileURLToPath } from "node:url";
+import { runScript } from "./_run.ts";
 import {
   benchPreamble,
   fractionList,
@@ -14,7 +14,6 @@ import {
 } from "../bench/_cli.ts";
 import { MODEL_SHAPES } from "../src/tune.ts";
 
-const ROOT = fileURLToPath(new URL("..", import.meta.url));
 /** The permissions of the `bench:*` tasks in deno.json. */
 const PERMISSIONS = ["--allow-read", "--allow-write", "--allow-env", "--allow-ffi"];
 
@@ -96,19 +95,11 @@ Deno.test("benchPreamble: help first, then usage errors (2), other errors thrown
   }
 });
 
-async function bench(
+function bench(
   script: string,
   args: string[],
 ): Promise<{ code: number; stdout: string; stderr: string }> {
-  const { code, stdout, stderr } = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "--no-prompt", ...PERMISSIONS, `bench/${script}`, ...args],
-    cwd: ROOT,
-    env: { NO_COLOR: "1" },
-    stdout: "piped",
-    stderr: "piped",
-  }).output();
-  const decoder = new TextDecoder();
-  return { code, stdout: decoder.decode(stdout), stderr: decoder.decode(stderr) };
+  return runScript(`bench/${script}`, PERMISSIONS, args);
 }
 
 Deno.test("bench scripts: bad options exit 2 naming the option, before the GPU probe", async () => {

@@ -4,9 +4,9 @@
 import assert from "node:assert/strict";
 import { fileURLToPath } from "node:url";
 import { gpu } from "./_gpu.ts";
+import { runScript } from "./_run.ts";
 
 const DEMO = fileURLToPath(new URL("../tasks/demo.ts", import.meta.url));
-const ROOT = fileURLToPath(new URL("..", import.meta.url));
 /** The permissions of the `demo` task in deno.json. */
 const PERMISSIONS = [
   "--allow-read",
@@ -16,16 +16,8 @@ const PERMISSIONS = [
   "--allow-ffi",
 ];
 
-async function demo(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
-  const { code, stdout, stderr } = await new Deno.Command(Deno.execPath(), {
-    args: ["run", "--no-prompt", ...PERMISSIONS, DEMO, ...args],
-    cwd: ROOT,
-    env: { NO_COLOR: "1" },
-    stdout: "piped",
-    stderr: "piped",
-  }).output();
-  const decoder = new TextDecoder();
-  return { code, stdout: decoder.decode(stdout), stderr: decoder.decode(stderr) };
+function demo(args: string[]): Promise<{ code: number; stdout: string; stderr: string }> {
+  return runScript(DEMO, PERMISSIONS, args);
 }
 
 Deno.test(`deno task demo: exit 0, ${gpu ? "the fused kernel checked" : "the CPU path"}`, async () => {

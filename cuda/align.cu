@@ -21,7 +21,8 @@ namespace ops {
 __global__ void __launch_bounds__(kAlignSmallThreads) align_small_kernel(const AlignParams p) {
   extern __shared__ int smem[];
   griddep::allow_dependents();
-  griddep::wait();
+  griddep::wait();  // the ids; and a kernel before this one may still read the outputs
+  fill_past_bound(p, threadIdx.x, blockDim.x);
   align_small_block(p, smem);
 }
 
@@ -94,8 +95,8 @@ __global__ void __launch_bounds__(kAlignWarpsPerBlock * kWarp)
   for (int e = tid; e <= p.E; e += blockDim.x) start[e] = p.starts[e];
   __syncthreads();
   const int ntpp = start[p.E];
-  fill_expert_ids(start, p, blockIdx.x * blockDim.x + tid, gridDim.x * blockDim.x);
-  fill_tail(p, ntpp, blockIdx.x * blockDim.x + tid, gridDim.x * blockDim.x);
+  fill_expert_ids(start, p, blockIdx.x * blockDim.x + tid, gridDim.x * blockDim.x, p.num_blocks);
+  fill_tail(p, ntpp, blockIdx.x * blockDim.x + tid, gridDim.x * blockDim.x, p.sorted_len);
   const int g = blockIdx.x * kAlignWarpsPerBlock + warp;
   if (g >= p.segments) return;
   int* my = run + warp * p.E;

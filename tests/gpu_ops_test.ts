@@ -27,15 +27,44 @@ import { gpuTest } from "./_gpu.ts";
 
 const MS = [1, 3, 5, 128, 4097];
 const ES = [8, 257, 512];
+const ROUTING_ES = [...ES, 256]; // 256: DeepSeek-V3's groups of 32
 
-/** Logits with many exact ties (rows from 3 values), some rows all equal, the rest normal. */
+/** Logits whose sigmoids sit at the edges: 0 and 1 exactly, float denormals, the clamps
+ * (finite: an infinite logit makes the softmax NaN). */
+const EXTREME_LOGITS = [
+  -3e38,
+  3e38,
+  -800,
+  800,
+  -110.5,
+  110.5,
+  -104.5,
+  -103.9,
+  -103.2,
+  103.2,
+  -88.7,
+  88.7,
+  -40.5,
+  40.5,
+  -37.5,
+  37.5,
+  -16.6,
+  16.6,
+  1e-40,
+  -1e-40,
+];
+
+/** Logits with many exact ties (rows from 3 values), some rows all equal, rows of extremes,
+ * the rest normal. */
 function tieLogits(rng: Rng, M: number, E: number): Float32Array {
   const out = new Float32Array(M * E);
   for (let t = 0; t < M; t++) {
-    const kind = t % 4;
+    const kind = t % 5;
     for (let e = 0; e < E; e++) {
       out[t * E + e] = kind === 0 ? rng.int(3) - 1 : kind === 1
         ? 0.25 // every expert equal
+        : kind === 4
+        ? EXTREME_LOGITS[(e + t) % EXTREME_LOGITS.length]
         : 2 * rng.normal();
     }
   }
@@ -47,6 +76,8 @@ function methodsFor(E: number): RoutingMethod[] {
     ? { kind: "grouped", topK: 3, nGroup: 4, topkGroup: 2 }
     : E === 257
     ? { kind: "grouped", topK: 8, nGroup: 1, topkGroup: 1 }
+    : E === 256 // groups of 32, scored by warp reductions
+    ? { kind: "grouped", topK: 8, nGroup: 8, topkGroup: 4 }
     : { kind: "grouped", topK: 8, nGroup: 16, topkGroup: 4 };
   return [
     { kind: "softmax", topK: Math.min(6, E) },
@@ -75,7 +106,7 @@ function runRouting(
 gpuTest("routing equals the CPU reference: M x E x methods, ties, shared slot", () => {
   const rng = new Rng(1);
   let rows = 0, exactWeights = 0, slots = 0;
-  for (const E of ES) {
+  for (const E of ROUTING_ES) {
     const bias = Float32Array.from({ length: E }, () => 0.05 * rng.normal());
     for (const M of MS) {
       const logits = tieLogits(rng, M, E);

@@ -111,12 +111,12 @@ __device__ __forceinline__ void warp_scatter(const int32_t* ids, int begin, int 
   }
 }
 
-// expert_ids of blocks first, first + stride, ...: the expert whose run holds the block's
-// first entry (a binary search over start[0..E], start[E] = ntpp), 0 past ntpp.
+// expert_ids of blocks first, first + stride, ... below `end`: the expert whose run holds the
+// block's first entry (a binary search over start[0..E], start[E] = ntpp), 0 past ntpp.
 __device__ __forceinline__ void fill_expert_ids(const int* start, const AlignParams& p, int first,
-                                                int stride) {
+                                                int stride, int end) {
   const int ntpp = start[p.E];
-  for (int b = first; b < p.num_blocks; b += stride) {
+  for (int b = first; b < end; b += stride) {
     const int64_t pos = static_cast<int64_t>(b) * p.block_m;
     int e = 0;
     if (pos < ntpp) {
@@ -135,9 +135,32 @@ __device__ __forceinline__ void fill_expert_ids(const int* start, const AlignPar
   }
 }
 
-// Pads everything from ntpp to the end of sorted_token_ids.
-__device__ __forceinline__ void fill_tail(const AlignParams& p, int ntpp, int first, int stride) {
-  for (int i = ntpp + first; i < p.sorted_len; i += stride) p.sorted[i] = p.num_slots;
+// Pads sorted_token_ids from ntpp up to `end`.
+__device__ __forceinline__ void fill_tail(const AlignParams& p, int ntpp, int first, int stride,
+                                          int end) {
+  for (int i = ntpp + first; i < end; i += stride) p.sorted[i] = p.num_slots;
+}
+
+// How far a layout can reach: each expert that gets slots pads them with at most block_m - 1
+// entries, so num_tokens_post_padded <= num_slots + min(E, num_slots) * (block_m - 1), while
+// the buffers are sized for E experts. At small batches most of sorted_token_ids lies past it.
+__device__ __forceinline__ int layout_bound(const AlignParams& p) {
+  const int64_t reach =
+      p.num_slots + static_cast<int64_t>(min(p.E, p.num_slots)) * (p.block_m - 1);
+  return static_cast<int>(min(reach, static_cast<int64_t>(p.sorted_len)));
+}
+
+// The first block past layout_bound (its first entry is past any ntpp).
+__device__ __forceinline__ int blocks_in_bound(const AlignParams& p) {
+  return min((layout_bound(p) + p.block_m - 1) / p.block_m, p.num_blocks);
+}
+
+// Everything past layout_bound is pad, in blocks of expert 0, whatever the ids: the one-block
+// kernels write it before the layout (the prologue before it even routes), and the layout
+// fills only up to the bound.
+__device__ __forceinline__ void fill_past_bound(const AlignParams& p, int first, int stride) {
+  fill_tail(p, layout_bound(p), first, stride, p.sorted_len);
+  for (int b = blocks_in_bound(p) + first; b < p.num_blocks; b += stride) p.expert_ids[b] = 0;
 }
 
 // Thread e (< E) knows its expert's count and first position: pads the end of its run.
@@ -155,11 +178,15 @@ constexpr int kAlignWarpMaxSlots = kWarp;
 // and each expert's first position is the padded counts of the smaller experts, summed over
 // the lanes that lead their expert. One read of the ids instead of two, one __syncthreads
 // instead of five, no scan. The same layout as align_small_block. Every thread of the block
-// must call it; `smem`: one int.
-__device__ __forceinline__ void align_warp_block(const AlignParams& p, int* smem) {
+// must call it; `smem`: one int; `ids_smem`: the ids in shared memory, or null to read them
+// from topk_ids. Past layout_bound: fill_past_bound.
+__device__ __forceinline__ void align_warp_block(const AlignParams& p, int* smem,
+                                                 const int32_t* ids_smem) {
   const int tid = threadIdx.x, lane = tid % kWarp;
   if (tid < kWarp) {
-    const int e = lane < p.num_slots ? __ldcg(p.topk_ids + lane) : -1;
+    const int e = lane >= p.num_slots      ? -1
+                  : ids_smem != nullptr ? ids_smem[lane]
+                                        : __ldcg(p.topk_ids + lane);
     const bool valid = valid_expert(e, p.E);
     const unsigned peers = __match_any_sync(kFullMask, valid ? e : -1);
     const int count = __popc(peers);
@@ -184,8 +211,9 @@ __device__ __forceinline__ void align_warp_block(const AlignParams& p, int* smem
   }
   __syncthreads();
   const int ntpp = *smem;
-  fill_tail(p, ntpp, tid, blockDim.x);
-  for (int b = ntpp / p.block_m + tid; b < p.num_blocks; b += blockDim.x) p.expert_ids[b] = 0;
+  fill_tail(p, ntpp, tid, blockDim.x, layout_bound(p));
+  const int blocks = blocks_in_bound(p);
+  for (int b = ntpp / p.block_m + tid; b < blocks; b += blockDim.x) p.expert_ids[b] = 0;
 }
 
 // ---- small path: one block does everything ----
@@ -194,11 +222,13 @@ __host__ __device__ inline int align_small_smem_bytes(int E) {
   return static_cast<int>(sizeof(int)) * (kAlignSmallWarps * E + E + 1 + kWarp + 1);
 }
 
-// The whole layout by one block of kAlignSmallThreads threads; every thread of the block must
-// call it (it contains __syncthreads). `smem`: align_small_smem_bytes(E) bytes.
-__device__ __forceinline__ void align_small_block(const AlignParams& p, int* smem) {
+// The whole layout by one block of kAlignSmallThreads threads up to layout_bound (past it:
+// fill_past_bound); every thread of the block must call it (it contains __syncthreads).
+// `smem`: align_small_smem_bytes(E) bytes; `ids_smem`: see align_warp_block (up to 32 slots).
+__device__ __forceinline__ void align_small_block(const AlignParams& p, int* smem,
+                                                  const int32_t* ids_smem = nullptr) {
   if (p.num_slots <= kAlignWarpMaxSlots) {
-    align_warp_block(p, smem);
+    align_warp_block(p, smem, ids_smem);
     return;
   }
   int* cnt = smem;  // [warps][E]: per-warp counts, then each warp's first position per expert
@@ -239,8 +269,8 @@ __device__ __forceinline__ void align_small_block(const AlignParams& p, int* sme
     *p.ntpp = ntpp;
   }
   __syncthreads();
-  fill_expert_ids(start, p, tid, blockDim.x);
-  fill_tail(p, ntpp, tid, blockDim.x);
+  fill_expert_ids(start, p, tid, blockDim.x, blocks_in_bound(p));
+  fill_tail(p, ntpp, tid, blockDim.x, layout_bound(p));
   if (warp < warps) warp_scatter(p.topk_ids, begin, end, p.E, my, p.sorted, lane);
 }
 

@@ -2,10 +2,12 @@
 // one launch, for small batches, where every launch of the separate kernels costs more than
 // its work.
 //
-// Block 0 (16 warps) routes the tokens, a warp per token (warp w takes tokens w, w + 16, ...),
-// with the device functions of moe_ops/routing.cuh; after a __syncthreads it lays out the
-// slots it has just written with align_small_block (moe_ops/align.cuh), which reads them back
-// through L2 (coherent loads: never the read-only path for data written by the same launch).
+// Block 0 (16 warps) first pads sorted_token_ids past where any layout can reach (it needs no
+// ids), then routes the tokens, a warp per token (warp w takes tokens w, w + 16, ...), with the
+// device functions of moe_ops/routing.cuh; after a __syncthreads it lays out the slots it has
+// just written with align_small_block (moe_ops/align.cuh). Up to 32 slots the ids come from a
+// copy in shared memory; more are read back through L2 (coherent loads: never the read-only
+// path for data written by the same launch).
 // Blocks 1.. quantise meanwhile, a warp per 128-value group (moe_ops/quant.cuh quant_group),
 // zeroing the output in the same pass: quantisation does not depend on routing. The results
 // are those of the separate kernels bit for bit, because they are the same functions.
@@ -47,21 +49,26 @@ struct PrologueParams {
 };
 
 // Dynamic shared memory of block 0: the routing warps' rows (grouped routing), then, reused,
-// the alignment's.
-__host__ __device__ inline int prologue_smem_bytes(bool grouped, int vpl, int align_experts) {
+// the alignment's; after both, up to 32 slots' ids (prologue_ids_offset).
+__host__ __device__ inline int prologue_ids_offset(bool grouped, int vpl, int align_experts) {
   const int row_bytes = routing_grouped_smem_words(vpl) * static_cast<int>(sizeof(int));
   const int routing = grouped ? kPrologueWarps * row_bytes : 0;
   const int align = align_small_smem_bytes(align_experts);
   return routing > align ? routing : align;
 }
+__host__ __device__ inline int prologue_smem_bytes(bool grouped, int vpl, int align_experts) {
+  return prologue_ids_offset(grouped, vpl, align_experts) +
+         kAlignWarpMaxSlots * static_cast<int>(sizeof(int32_t));
+}
 static_assert(kPrologueWarps * kMaxRoutingSlotsPerLane * kWarp * 4 <= 48 * 1024,
               "routing rows within the default dynamic shared memory limit");
-static_assert((kAlignSmallWarps * kMaxAlignExperts + kMaxAlignExperts + 1 + kWarp + 1) * 4 <=
+static_assert((kAlignSmallWarps * kMaxAlignExperts + kMaxAlignExperts + 1 + kWarp + 1 +
+               kAlignWarpMaxSlots) * 4 <=
                   48 * 1024,
-              "alignment within the default dynamic shared memory limit");
+              "alignment and ids within the default dynamic shared memory limit");
 
 template <int VPL, bool kGrouped>
-__global__ void __launch_bounds__(kPrologueThreads) moe_prologue_kernel(const PrologueParams p) {
+__global__ void __launch_bounds__(kPrologueThreads, 1) moe_prologue_kernel(const PrologueParams p) {
   extern __shared__ int smem[];
   griddep::allow_dependents();  // the fused kernel's launch overlaps this one
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
@@ -70,6 +77,13 @@ __global__ void __launch_bounds__(kPrologueThreads) moe_prologue_kernel(const Pr
     if (g < p.groups) quant_group(p.x, g, p.q, p.scale, p.zero_out, lane);
     return;
   }
+  fill_past_bound(p.align, threadIdx.x, kPrologueThreads);  // needs no ids: before routing
+  // Up to 32 slots the routing warps also leave the ids in shared memory for the layout.
+  int32_t* ids_smem =
+      p.align.num_slots <= kAlignWarpMaxSlots
+          ? reinterpret_cast<int32_t*>(reinterpret_cast<char*>(smem) +
+                                       prologue_ids_offset(kGrouped, VPL, p.align.E))
+          : nullptr;
   if (p.route.M > kPrologueWarps) {
     // More tokens than warps: the logits of the later rounds are fetched into L2 now, so that a
     // warp's next token does not wait for DRAM again.
@@ -84,13 +98,13 @@ __global__ void __launch_bounds__(kPrologueThreads) moe_prologue_kernel(const Pr
   for (int token = warp; token < p.route.M; token += kPrologueWarps) {
     if constexpr (kGrouped) {
       uint32_t* row = reinterpret_cast<uint32_t*>(smem) + warp * routing_grouped_smem_words(VPL);
-      route_grouped_token<VPL>(p.route, token, lane, row);
+      route_grouped_token<VPL>(p.route, token, lane, row, ids_smem);
     } else {
-      route_softmax_token<VPL>(p.route, token, lane);
+      route_softmax_token<VPL>(p.route, token, lane, ids_smem);
     }
   }
   __syncthreads();  // every token routed (ids in global memory), the routing rows free
-  align_small_block(p.align, smem);
+  align_small_block(p.align, smem, ids_smem);
 }
 
 }  // namespace ops

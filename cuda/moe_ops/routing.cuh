@@ -12,9 +12,10 @@
 // A round is a short dependent chain (two reductions instead of a five-step butterfly of
 // shuffles); the weights are computed afterwards, lane k for the k-th pick, all at once (the
 // softmax's double exp and division leave the rounds). Grouped routing keeps its groups with a
-// rank per group (one shuffle per group, in flight together) instead of topk_group rounds.
-// For one token everything is one warp's work: at M = 1 the latency is the logits' load, the
-// lane's sigmoids, a group scan of E / n_group values and top_k short rounds.
+// rank per group instead of topk_group rounds; groups of 32 (DeepSeek-V3) are scored by warp
+// reductions, other sizes by a scan through shared memory. For one token everything is one
+// warp's work: at M = 1 the latency is the logits' load, the lane's sigmoids, the group scores
+// and top_k short rounds.
 //
 // Bit-exactness with the CPU references (src/routing.ts): the transcendental parts are
 // computed in double precision and rounded once to float (sigmoid, exp of the softmax), so the
@@ -69,8 +70,40 @@ __host__ __device__ inline int routing_grouped_smem_words(int vpl) { return vpl 
 __device__ __forceinline__ float choice_value(float v) { return isnan(v) ? -INFINITY : v; }
 
 // sigmoid in double, rounded once to float (the CPU reference does the same with Math.exp).
+// Written without branches so that a lane's sigmoids overlap: libdevice's exp and the division
+// each wrap a slow path in a convergence region, which ran a lane's sigmoids one after another
+// (bench/NOTES.md, item 70). t = -x is clamped to [-40, 110]: below, 1 + e^t rounds to 1;
+// above, the result is below half the smallest float denormal; so the float is the unclamped
+// one. e^t: Cody-Waite reduction by ln 2 (k ln2_hi exact for |k| < 2^21), a degree-13 Taylor
+// polynomial on |r| <= ln2 / 2 (truncation below 2^-57), 2^k through the exponent field. 1 / y:
+// the hardware approximation and two Newton steps. Both within about an ulp of double, as
+// libdevice's are, so the float agrees except within a few double ulps of a rounding boundary.
 __device__ __forceinline__ float sigmoid_rounded(float x) {
-  return static_cast<float>(1.0 / (1.0 + exp(-static_cast<double>(x))));
+  const double t = fmin(fmax(-static_cast<double>(x), -40.0), 110.0);
+  const double k = rint(t * 1.4426950408889634);
+  double r = fma(k, -6.93147180369123816490e-01, t);  // ln2_hi
+  r = fma(k, -1.90821492927058770002e-10, r);         // ln2_lo
+  double p = 1.6059043836821613e-10;  // 1/13!
+  p = fma(p, r, 2.08767569878681e-09);  // 1/12!
+  p = fma(p, r, 2.505210838544172e-08);  // 1/11!
+  p = fma(p, r, 2.755731922398589e-07);  // 1/10!
+  p = fma(p, r, 2.7557319223985893e-06);  // 1/9!
+  p = fma(p, r, 2.48015873015873e-05);  // 1/8!
+  p = fma(p, r, 0.0001984126984126984);  // 1/7!
+  p = fma(p, r, 0.001388888888888889);  // 1/6!
+  p = fma(p, r, 0.008333333333333333);  // 1/5!
+  p = fma(p, r, 0.041666666666666664);  // 1/4!
+  p = fma(p, r, 0.16666666666666666);  // 1/3!
+  p = fma(p, r, 0.5);  // 1/2!
+  p = fma(p, r, 1.0);  // 1/1!
+  p = fma(p, r, 1.0);  // 1/0!
+  const double e = p * __longlong_as_double((static_cast<long long>(k) + 1023) << 52);
+  const double y = 1.0 + e;
+  double q;
+  asm("rcp.approx.ftz.f64 %0, %1;" : "=d"(q) : "d"(y));
+  q = fma(q, fma(-y, q, 1.0), q);
+  q = fma(q, fma(-y, q, 1.0), q);
+  return isnan(x) ? x : static_cast<float>(q);
 }
 
 // Picks top_k experts from the lane's keys (slot s: expert lane + 32 s; kNoKey: not a
@@ -111,26 +144,33 @@ __device__ __forceinline__ float sum_in_lane_order(float v, int count) {
 }
 
 // Writes lane k's pick (k < picks), after the optional renormalisation, and the shared slot.
+// `ids_copy` (or null): the ids go there too, at the same flat slot (the prologue's shared
+// memory, so that its alignment does not read them back through L2).
 __device__ __forceinline__ void write_row(const RoutingParams& p, int token, int lane, int picks,
-                                          int my_id, float my_weight, float chosen_sum) {
+                                          int my_id, float my_weight, float chosen_sum,
+                                          int32_t* ids_copy) {
   const int width = p.top_k + (p.shared_expert_id >= 0 ? 1 : 0);
   const size_t row = static_cast<size_t>(token) * width;
   if (lane < p.top_k) {
     float w = p.renormalize ? my_weight / chosen_sum : my_weight;
     w = w * p.weight_scale;
-    p.topk_ids[row + lane] = lane < picks ? my_id : 0;
+    const int id = lane < picks ? my_id : 0;
+    p.topk_ids[row + lane] = id;
     p.topk_weights[row + lane] = lane < picks ? w : 0.0f;
+    if (ids_copy != nullptr) ids_copy[row + lane] = id;
   }
   if (p.shared_expert_id >= 0 && lane == 0) {
     p.topk_ids[row + p.top_k] = p.shared_expert_id;
     p.topk_weights[row + p.top_k] = p.shared_weight;
+    if (ids_copy != nullptr) ids_copy[row + p.top_k] = p.shared_expert_id;
   }
 }
 
 // Softmax top-k (Mixtral / Qwen style) of one token, by one warp: choose by logit, weight =
 // softmax probability over all E experts, optionally renormalised over the chosen ones.
 template <int VPL>
-__device__ __forceinline__ void route_softmax_token(const RoutingParams& p, int token, int lane) {
+__device__ __forceinline__ void route_softmax_token(const RoutingParams& p, int token, int lane,
+                                                    int32_t* ids_copy = nullptr) {
   const float* row = p.logits + static_cast<size_t>(token) * p.E;
   float x[VPL];
 #pragma unroll
@@ -160,7 +200,76 @@ __device__ __forceinline__ void route_softmax_token(const RoutingParams& p, int 
     prob = static_cast<float>(exp(static_cast<double>(key_value(my_key) - m)) / sum);
   }
   const float chosen_sum = sum_in_lane_order(prob, picks);
-  write_row(p, token, lane, picks, my_id, prob, chosen_sum);
+  write_row(p, token, lane, picks, my_id, prob, chosen_sum, ids_copy);
+}
+
+// The groups a token keeps, from lane g's score of group g (-inf on lanes past n_group): bit
+// g set when fewer than topk_group groups beat group g (`better`: ties to the lower group),
+// i.e. group g is among those topk_group rounds of arg-max would pick. One shuffle per group,
+// all in flight together.
+__device__ __forceinline__ uint32_t kept_groups(float gscore, int n_group, int topk_group,
+                                                int lane) {
+  int rank = 0;
+  for (int g = 0; g < n_group; ++g) {
+    const float other = __shfl_sync(kFullMask, gscore, g);
+    rank += better(other, g, gscore, lane) ? 1 : 0;
+  }
+  return __ballot_sync(kFullMask, lane < n_group && rank < topk_group);
+}
+
+// A group's score is the sum of its two largest choice values (with multiplicity; the largest
+// alone for groups of one). These two return group `lane`'s score on lanes < n_group.
+//
+// Groups of 32 experts (DeepSeek-V3's 256 / 8): group g is slot g of every lane, so its two
+// largest keys come from warp reductions (the largest, whether two lanes hold it, the largest
+// of the rest), independent across groups.
+template <int VPL>
+__device__ __forceinline__ float group_score_of_slot(const uint32_t (&key)[VPL], int n_group,
+                                                     int lane) {
+  float mine = -INFINITY;
+#pragma unroll
+  for (int g = 0; g < VPL; ++g) {
+    if (g < n_group) {
+      const uint32_t t1 = __reduce_max_sync(kFullMask, key[g]);
+      const bool top = key[g] == t1;
+      const uint32_t rest = __reduce_max_sync(kFullMask, top ? kNoKey : key[g]);
+      const uint32_t t2 = __popc(__ballot_sync(kFullMask, top)) >= 2 ? t1 : rest;
+      if (lane == g) mine = choice_value(__fadd_rn(key_value(t1), key_value(t2)));
+    }
+  }
+  return mine;
+}
+
+// Any group size: the keys go through `row_smem` (E words) and lane g scans group g. The lane
+// starts at its own offset in the group, so that the lanes read different banks; the order
+// does not change the two values (zeros' signs aside, which compare equal).
+template <int VPL>
+__device__ __forceinline__ float group_score_by_scan(const uint32_t (&key)[VPL], int E,
+                                                     int n_group, int lane, uint32_t* row_smem) {
+  const int group_size = E / n_group;
+#pragma unroll
+  for (int s = 0; s < VPL; ++s) {
+    const int e = lane + s * kWarp;
+    if (e < E) row_smem[e] = key[s];
+  }
+  __syncwarp();
+  float gscore = -INFINITY;
+  if (lane < n_group) {
+    const uint32_t* gp = row_smem + lane * group_size;
+    uint32_t t1 = kNoKey, t2 = kNoKey;
+    int j = lane % group_size;
+#pragma unroll 4
+    for (int i = 0; i < group_size; ++i) {
+      const uint32_t v = gp[j];
+      t2 = max(t2, min(t1, v));
+      t1 = max(t1, v);
+      j = j + 1 == group_size ? 0 : j + 1;
+    }
+    gscore = group_size >= 2 ? choice_value(__fadd_rn(key_value(t1), key_value(t2)))
+                             : key_value(t1);
+  }
+  __syncwarp();  // every lane has read its group before the row is overwritten
+  return gscore;
 }
 
 // DeepSeek-V3 routing of one token, by one warp: sigmoid scores, + bias for the choice only,
@@ -168,9 +277,11 @@ __device__ __forceinline__ void route_softmax_token(const RoutingParams& p, int 
 // one alone for groups of one), the topk_group best groups kept, top_k experts chosen among
 // them; weights are the chosen experts' sigmoid scores (without bias), optionally normalised to
 // sum 1. `row_smem`: routing_grouped_smem_words(VPL) words of shared memory for this warp.
+// `ids_copy`: see write_row.
 template <int VPL>
 __device__ __forceinline__ void route_grouped_token(const RoutingParams& p, int token, int lane,
-                                                    uint32_t* row_smem) {
+                                                    uint32_t* row_smem,
+                                                    int32_t* ids_copy = nullptr) {
   const float* row = p.logits + static_cast<size_t>(token) * p.E;
   // Loads first, all in flight: unconditional (a clamped index; the bias read from the row
   // itself and dropped when there is none), unrolled.
@@ -196,44 +307,23 @@ __device__ __forceinline__ void route_grouped_token(const RoutingParams& p, int 
   // Group selection (nothing to do when every group is kept).
   if (p.topk_group < p.n_group) {
     const int group_size = p.E / p.n_group;
+    // (Up to 8 slots per lane: at 16, E > 256, ptxas spills in the routing kernel.)
+    if (group_size == kWarp && VPL <= 8) {
+      const float gscore = group_score_of_slot(key, p.n_group, lane);
+      const uint32_t kept = kept_groups(gscore, p.n_group, p.topk_group, lane);
 #pragma unroll
-    for (int s = 0; s < VPL; ++s) {
-      const int e = lane + s * kWarp;
-      if (e < p.E) row_smem[e] = key[s];
-    }
-    __syncwarp();
-    // Lane g scores group g: its two largest choice values (with multiplicity). The lane
-    // starts at its own offset in the group, so that the lanes read different banks; the
-    // order does not change the two values (zeros' signs aside, which compare equal).
-    float gscore = -INFINITY;
-    if (lane < p.n_group) {
-      const uint32_t* gp = row_smem + lane * group_size;
-      uint32_t t1 = kNoKey, t2 = kNoKey;
-      int j = lane % group_size;
-#pragma unroll 4
-      for (int i = 0; i < group_size; ++i) {
-        const uint32_t v = gp[j];
-        t2 = max(t2, min(t1, v));
-        t1 = max(t1, v);
-        j = j + 1 == group_size ? 0 : j + 1;
+      for (int s = 0; s < VPL; ++s) {  // slot s is group s (past the groups: kNoKey already)
+        if (!((kept >> s) & 1u)) key[s] = kNoKey;
       }
-      gscore = group_size >= 2 ? choice_value(__fadd_rn(key_value(t1), key_value(t2)))
-                               : key_value(t1);
-    }
-    // A group is kept when fewer than topk_group groups beat it (`better`: ties to the lower
-    // group), i.e. it is among those topk_group rounds of arg-max would pick.
-    int rank = 0;
-    for (int g = 0; g < p.n_group; ++g) {
-      const float other = __shfl_sync(kFullMask, gscore, g);
-      rank += better(other, g, gscore, lane) ? 1 : 0;
-    }
-    const uint32_t kept = __ballot_sync(kFullMask, lane < p.n_group && rank < p.topk_group);
+    } else {
+      const float gscore = group_score_by_scan(key, p.E, p.n_group, lane, row_smem);
+      const uint32_t kept = kept_groups(gscore, p.n_group, p.topk_group, lane);
 #pragma unroll
-    for (int s = 0; s < VPL; ++s) {
-      const int e = lane + s * kWarp;
-      if (e < p.E && !((kept >> (e / group_size)) & 1u)) key[s] = kNoKey;
+      for (int s = 0; s < VPL; ++s) {
+        const int e = lane + s * kWarp;
+        if (e < p.E && !((kept >> (e / group_size)) & 1u)) key[s] = kNoKey;
+      }
     }
-    __syncwarp();  // every lane has read its group before the row is overwritten
   }
   // The scores, for the weights of the picks.
   float* score_row = reinterpret_cast<float*>(row_smem);
@@ -249,7 +339,7 @@ __device__ __forceinline__ void route_grouped_token(const RoutingParams& p, int 
   const int picks = warp_top_k(key, p.top_k, lane, &my_id, &my_key);
   const float weight = lane < picks ? score_row[my_id] : 0.0f;
   const float chosen_sum = sum_in_lane_order(weight, picks);
-  write_row(p, token, lane, picks, my_id, weight, chosen_sum);
+  write_row(p, token, lane, picks, my_id, weight, chosen_sum, ids_copy);
   __syncwarp();  // the row may be reused by this warp's next token
 }
 

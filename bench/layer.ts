@@ -129,6 +129,7 @@ function main(): number {
       console.log(
         `  ${"whole, no step events".padEnd(24)}${fmt(device.whole)}${fmt(paced.whole)}`,
       );
+      console.log(`  ${"whole, CUDA graph".padEnd(24)}${fmt(device.graph)}${fmt(paced.graph)}`);
       console.log(`  host time of forward(): ${device.hostUs.toFixed(1)} us (enqueue only)`);
       const outside = device.steps.filter((s) => s !== "fused");
       console.log(

@@ -40,7 +40,7 @@ import {
 } from "./checkpoint.ts";
 import { decodeBf16 } from "./codecs.ts";
 import { configProblem, type KernelConfig, pickConfig } from "./config.ts";
-import { CudaEvent, Stream } from "./device.ts";
+import { CudaEvent, CudaGraph, Stream } from "./device.ts";
 import { fusedMoeW8A8UpDown } from "./fused_moe.ts";
 import { interleaveGateUp } from "./interleave.ts";
 import { tiledDownRows, tileDownWeightsOnDevice, tileUpWeightsOnDevice } from "./tiles.ts";
@@ -723,6 +723,9 @@ export interface ForwardTiming {
   /** The whole forward with events at its ends only, as it runs in use: the fused kernel's
    * launch overlaps the step before it. */
   whole: number;
+  /** The whole forward captured once as a CUDA graph and replayed between two events, as
+   * servers run their decode steps. */
+  graph: number;
   /** Host time of one `forward()` call (enqueueing only, no waiting). */
   hostUs: number;
   /** Timed forwards. */
@@ -753,8 +756,9 @@ function medianOf(v: number[]): number {
 
 /**
  * Times `layer.forward(hidden, routerLogits)` step by step with CUDA events recorded on the
- * layer's stream between the steps, and whole with events at its ends only; returns the
- * medians. Synchronous (waits for every forward).
+ * layer's stream between the steps, whole with events at its ends only, and as one CUDA graph
+ * (captured once, replayed each time); returns the medians. Synchronous (waits for every
+ * forward).
  * Allocates a 1 GiB scratch buffer for the duration of the call.
  */
 export function timeForward(
@@ -776,6 +780,7 @@ export function timeForward(
     for (const s of order) events.set(s, new CudaEvent());
     using delay = DeviceBuffer.alloc("fp8_e4m3", [1 << 30]);
     for (let i = 0; i < 3; i++) layer.forward(hidden, routerLogits, { path });
+    using graph = CudaGraph.capture(stream, () => layer.forward(hidden, routerLogits, { path }));
     const onStep = (step: LayerStep): void => {
       const event = events.get(step);
       if (event === undefined) throw new Error(`timeForward: unexpected step ${step} on ${path}`);
@@ -786,7 +791,7 @@ export function timeForward(
     const onEnds = (step: LayerStep): void => {
       if (step === order[0] || step === "done") onStep(step);
     };
-    type Key = TimedStep | "outside" | "total" | "whole" | "hostUs";
+    type Key = TimedStep | "outside" | "total" | "whole" | "graph" | "hostUs";
     const samples = new Map<Key, number[]>();
     const push = (key: Key, v: number): void => {
       const list = samples.get(key) ?? [];
@@ -808,6 +813,13 @@ export function timeForward(
       layer.forward(hidden, routerLogits, { onStep: onEnds, path });
       stream.synchronize();
       push("whole", us(order[0], "done"));
+      delay.zero(stream);
+      if (options.pace === "host") stream.synchronize();
+      onStep(order[0]);
+      graph.launch(stream);
+      onStep("done");
+      stream.synchronize();
+      push("graph", us(order[0], "done"));
     }
     const median = (key: Key): number => {
       const list = samples.get(key);
@@ -824,6 +836,7 @@ export function timeForward(
       outside: median("outside"),
       total: median("total"),
       whole: median("whole"),
+      graph: median("graph"),
       hostUs: median("hostUs"),
       iterations,
     };

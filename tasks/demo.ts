@@ -314,7 +314,8 @@ async function runOnGpu(
   console.log(
     `fused kernel: ${t.fused.toFixed(1)} µs, ${(100 * t.fused / t.total).toFixed(0)} % of the ` +
       `${t.total.toFixed(1)} µs forward (outside the kernel: ${t.outside.toFixed(1)} µs); ` +
-      `${t.whole.toFixed(1)} µs without events between the steps`,
+      `${t.whole.toFixed(1)} µs without events between the steps, ${t.graph.toFixed(1)} µs ` +
+      `as a CUDA graph`,
   );
 
   const rows = sampleRows(M, rowCount);

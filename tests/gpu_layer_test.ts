@@ -260,7 +260,10 @@ gpuTest("no allocation per forward at a seen M; a captured forward replays exact
       const t = timeForward(layer, h, l, { iterations: 3, pace, path });
       assert.equal(t.path, path);
       assert.deepEqual(t.steps, path === "prologue" ? PROLOGUE_FORWARD_STEPS : FORWARD_STEPS);
-      assert.ok(t.fused > 0 && t.outside > 0 && t.whole > 0 && t.hostUs > 0, JSON.stringify(t));
+      assert.ok(
+        t.fused > 0 && t.outside > 0 && t.whole > 0 && t.graph > 0 && t.hostUs > 0,
+        JSON.stringify(t),
+      );
       assert.ok(t.steps.every((step) => t[step] > 0), JSON.stringify(t));
     }
   }

@@ -67,6 +67,9 @@ static_assert((kAlignSmallWarps * kMaxAlignExperts + kMaxAlignExperts + 1 + kWar
                   48 * 1024,
               "alignment and ids within the default dynamic shared memory limit");
 
+// One block per SM is enough (block 0 routes, the others quantise), and lets a thread have the
+// 128 registers a lane's overlapping double-precision sigmoids take; without it ptxas aimed at
+// 64 and spilled.
 template <int VPL, bool kGrouped>
 __global__ void __launch_bounds__(kPrologueThreads, 1) moe_prologue_kernel(const PrologueParams p) {
   extern __shared__ int smem[];

@@ -129,6 +129,32 @@ Deno.test({
   },
 });
 
+// The one-block kernels pad everything past num_slots + min(E, num_slots) * (blockM - 1)
+// before the layout is known (cuda/moe_ops/align.cuh, layout_bound): the layout must never
+// reach past it.
+Deno.test("moeAlignBlockSize never reaches past num_slots + min(E, num_slots) x (blockM - 1)", () => {
+  let seed = 7;
+  const next = (n: number): number => {
+    seed = (seed * 1103515245 + 12345) % 2147483648;
+    return seed % n;
+  };
+  for (let trial = 0; trial < 300; trial++) {
+    const E = 1 + next(300), n = next(200), blockM = 1 + next(128);
+    const few = 1 + next(E); // ids drawn from the first `few` experts: long runs or short ones
+    const ids = Int32Array.from({ length: n }, () => (next(10) === 0 ? -1 : next(few)));
+    const a = moeAlignBlockSize(ids, E, blockM);
+    const bound = n + Math.min(E, n) * (blockM - 1);
+    const what = `E=${E} slots=${n} blockM=${blockM}`;
+    assert.ok(a.numTokensPostPadded <= bound, `${what}: ${a.numTokensPostPadded} > ${bound}`);
+    for (let i = bound; i < a.sortedTokenIds.length; i++) {
+      assert.equal(a.sortedTokenIds[i], n, `${what}: entry ${i}`);
+    }
+    for (let b = Math.ceil(bound / blockM); b < a.expertIds.length; b++) {
+      assert.equal(a.expertIds[b], 0, `${what}: block ${b}`);
+    }
+  }
+});
+
 Deno.test("moeAlignBlockSize: hand case, skipped ids, empty experts, blockM 1", () => {
   // M = 3, topK = 2, E = 4: slots 0..5.
   const ids = Int32Array.from([2, 0, 2, -1, 0, 7]);

@@ -201,7 +201,7 @@ __device__ __forceinline__ void align_warp_block(const AlignParams& p, int* smem
     }
     if (valid) p.sorted[start + __popc(peers & lanemask_lt())] = lane;
     if (leads) {
-      for (int i = start + count; i < start + padded; ++i) p.sorted[i] = p.num_slots;
+      pad_run(p, start, count, padded);
       for (int b = start / p.block_m; b < (start + padded) / p.block_m; ++b) p.expert_ids[b] = e;
     }
     if (lane == 0) {

@@ -536,9 +536,9 @@ gpuTest("the prologue equals the separate kernels bit for bit, and the CPU refer
   );
 });
 
-// Groups of 32 experts and up to 16 tokens take the prologue's block-wide routing
-// (route_grouped_block); the separate kernel routes a warp per token. 17 tokens: past the block's
-// limit, the prologue's warps too. Logits with ties, NaN and -0 (prologueLogits).
+// Groups of 32 experts and up to 8 tokens take the prologue's block-wide routing
+// (route_grouped_block); the separate kernel routes a warp per token. 9 and 16 tokens: past the
+// block's limit, the prologue's warps too. Logits with ties, NaN and -0 (prologueLogits).
 gpuTest("the block's routing of groups of 32 equals a warp per token, bit for bit", () => {
   const rng = new Rng(13);
   let cases = 0;
@@ -553,7 +553,7 @@ gpuTest("the block's routing of groups of 32 equals a warp per token, bit for bi
     ];
     for (const shared of [false, true]) {
       const total = routed + (shared ? 1 : 0);
-      for (const M of [1, 2, 7, 16, 17]) {
+      for (const M of [1, 2, 7, 8, 9, 16]) {
         const K = 256;
         const logits = prologueLogits(rng, M, routed);
         const xs = Float32Array.from({ length: M * K }, () => rng.normal());

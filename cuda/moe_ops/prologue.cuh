@@ -4,7 +4,7 @@
 //
 // Block 0 (16 warps) first pads sorted_token_ids past where any layout can reach (it needs no
 // ids), then routes the tokens with the device functions of moe_ops/routing.cuh: DeepSeek-V3's
-// groups of 32 for up to 16 tokens with the whole block (route_grouped_block), anything else a
+// groups of 32 for up to 8 tokens with the whole block (route_grouped_block), anything else a
 // warp per token (warp w takes tokens w, w + 16, ...); after a __syncthreads it lays out the slots it has
 // just written with align_small_block (moe_ops/align.cuh). Up to 32 slots the ids come from a
 // copy in shared memory; more are read back through L2 (coherent loads: never the read-only
@@ -69,7 +69,7 @@ static_assert(kPrologueWarps * kMaxRoutingSlotsPerLane * kWarp * 4 <= 48 * 1024,
               "routing rows within the default dynamic shared memory limit");
 static_assert(block_routing_smem_bytes(kBlockRoutingMaxVpl) + kAlignWarpMaxSlots * 4 <= 48 * 1024,
               "the block's routing within the default dynamic shared memory limit");
-static_assert(kPrologueThreads / kWarp == kBlockRoutingMaxTokens, "a warp per token at most");
+static_assert(kPrologueThreads / kWarp >= kBlockRoutingMaxTokens, "a warp per token at most");
 static_assert((kAlignSmallWarps * kMaxAlignExperts + kMaxAlignExperts + 1 + kWarp + 1 +
                kAlignWarpMaxSlots) * 4 <=
                   48 * 1024,

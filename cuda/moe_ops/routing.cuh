@@ -350,7 +350,9 @@ __device__ __forceinline__ void route_grouped_token(const RoutingParams& p, int 
 // pairs into shared memory, a warp per (token, group) takes the group's two largest keys, and a
 // warp per token keeps its groups and picks its top-k from there: the same functions on the
 // same values as route_grouped_token, so every output is bit-equal to it.
-constexpr int kBlockRoutingMaxTokens = 16;
+// Up to 8 tokens: at 16 every thread has as many sigmoids as a lane of a warp per token, and the
+// barriers made the prologue 1.3 µs slower (bench/NOTES.md, item 78).
+constexpr int kBlockRoutingMaxTokens = 8;
 constexpr int kBlockRoutingMaxVpl = 8;  // E <= 256
 
 __host__ __device__ inline bool block_routing_fits(int M, int E, int n_group) {

@@ -536,6 +536,52 @@ gpuTest("the prologue equals the separate kernels bit for bit, and the CPU refer
   );
 });
 
+// Groups of 32 experts and up to 8 tokens take the prologue's block-wide routing
+// (route_grouped_block); the separate kernel routes a warp per token. 9 and 16 tokens: past the
+// block's limit, the prologue's warps too. Logits with ties, NaN and -0 (prologueLogits).
+gpuTest("the block's routing of groups of 32 equals a warp per token, bit for bit", () => {
+  const rng = new Rng(13);
+  let cases = 0;
+  for (const routed of [64, 96, 256]) {
+    const nGroup = routed / 32;
+    const bias = Float32Array.from({ length: routed }, () => 0.05 * rng.normal());
+    using biasBuf = DeviceBuffer.from("f32", [routed], bias);
+    const methods: RoutingMethod[] = [
+      { kind: "grouped", topK: 8, nGroup, topkGroup: Math.max(1, nGroup >> 1) },
+      { kind: "grouped", topK: 6, nGroup, topkGroup: nGroup },
+      { kind: "grouped", topK: 4, nGroup, topkGroup: 1, renormalize: false },
+    ];
+    for (const shared of [false, true]) {
+      const total = routed + (shared ? 1 : 0);
+      for (const M of [1, 2, 7, 8, 9, 16]) {
+        const K = 256;
+        const logits = prologueLogits(rng, M, routed);
+        const xs = Float32Array.from({ length: M * K }, () => rng.normal());
+        using l = DeviceBuffer.from("f32", [M, routed], logits);
+        using x = DeviceBuffer.from("bf16", [M, K], encodeBf16(xs));
+        for (const method of methods) {
+          const sharedExpert = shared ? { id: routed, weight: 0.4 } : undefined;
+          const options = { bias: biasBuf, weightScale: 1.5, sharedExpert };
+          const what = `E=${total} M=${M} ${JSON.stringify(method)}`;
+          const one = runSteps(true, l, x, method, total, 16, options);
+          const three = runSteps(false, l, x, method, total, 16, options);
+          for (const k of ["ids", "weights", "sorted", "expertIds"] as const) {
+            assertBitEqual(one[k], three[k], `${what}: ${k}, prologue vs separate`);
+          }
+          const ref = routeTopKReference(logits, M, routed, method, {
+            bias,
+            weightScale: 1.5,
+            sharedExpert,
+          });
+          assert.deepEqual(one.ids, ref.topkIds, `${what}: ids vs reference`);
+          cases++;
+        }
+      }
+    }
+  }
+  console.log(`${cases} cases: the block's routing = a warp per token, bit for bit`);
+});
+
 gpuTest("the prologue at the DeepSeek shard shape, and its limits", () => {
   const rng = new Rng(12);
   const routed = 256, total = 257, K = 7168;

@@ -343,5 +343,81 @@ __device__ __forceinline__ void route_grouped_token(const RoutingParams& p, int 
   __syncwarp();  // the row may be reused by this warp's next token
 }
 
+// DeepSeek-V3 routing of a few tokens by a whole block (the prologue's block 0), for groups of
+// 32 experts. A warp per token spent half of its ~5 µs on its lanes' eight double-precision
+// sigmoids and its eight groups' reductions, one after another, while the block's other warps
+// waited (bench/NOTES.md, items 77-78). Here every thread scores one or a few (token, expert)
+// pairs into shared memory, a warp per (token, group) takes the group's two largest keys, and a
+// warp per token keeps its groups and picks its top-k from there: the same functions on the
+// same values as route_grouped_token, so every output is bit-equal to it.
+// Up to 8 tokens: at 16 every thread has as many sigmoids as a lane of a warp per token, and the
+// barriers made the prologue 1.3 µs slower (bench/NOTES.md, item 78).
+constexpr int kBlockRoutingMaxTokens = 8;
+constexpr int kBlockRoutingMaxVpl = 8;  // E <= 256
+
+__host__ __device__ inline bool block_routing_fits(int M, int E, int n_group) {
+  return n_group * kWarp == E && E <= kBlockRoutingMaxVpl * kWarp && M >= 1 &&
+         M <= kBlockRoutingMaxTokens;
+}
+// Shared memory for any M and E that fit, with VPL slots per lane: keys and scores [M][E],
+// group scores [M][n_group].
+__host__ __device__ constexpr int block_routing_smem_bytes(int vpl) {
+  const int values = kBlockRoutingMaxTokens * vpl * kWarp;
+  return vpl > kBlockRoutingMaxVpl ? 0 : values * 8 + kBlockRoutingMaxTokens * vpl * 4;
+}
+
+template <int VPL>
+__device__ __forceinline__ void route_grouped_block(const RoutingParams& p, void* smem,
+                                                    int32_t* ids_copy, int threads) {
+  const int E = p.E, values = p.M * E;
+  uint32_t* keys = static_cast<uint32_t*>(smem);            // [M][E]
+  float* scores = reinterpret_cast<float*>(keys + values);  // [M][E]
+  float* gscores = scores + values;                          // [M][n_group]
+#pragma unroll 4
+  for (int i = threadIdx.x; i < values; i += threads) {
+    const float score = sigmoid_rounded(__ldg(p.logits + i));  // logits [M, E]: i = t E + e
+    const float bias = p.bias != nullptr ? __ldg(p.bias + i % E) : 0.0f;
+    scores[i] = score;
+    keys[i] = order_key(choice_value(__fadd_rn(score, bias)));
+  }
+  __syncthreads();
+  const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp, warps = threads / kWarp;
+  const bool select = p.topk_group < p.n_group;
+  if (select) {
+    // Task (t, g) reads keys [t][32 g + lane] = keys[32 task + lane], since E = 32 n_group.
+    for (int task = warp; task < p.M * p.n_group; task += warps) {
+      const uint32_t key = keys[task * kWarp + lane];
+      const uint32_t t1 = __reduce_max_sync(kFullMask, key);
+      const bool top = key == t1;
+      const uint32_t rest = __reduce_max_sync(kFullMask, top ? kNoKey : key);
+      const uint32_t t2 = __popc(__ballot_sync(kFullMask, top)) >= 2 ? t1 : rest;
+      if (lane == 0) gscores[task] = choice_value(__fadd_rn(key_value(t1), key_value(t2)));
+    }
+    __syncthreads();
+  }
+  for (int token = warp; token < p.M; token += warps) {
+    uint32_t key[VPL];
+#pragma unroll
+    for (int s = 0; s < VPL; ++s) {
+      const int e = lane + s * kWarp;
+      key[s] = e < E ? keys[token * E + e] : kNoKey;
+    }
+    if (select) {
+      const float gscore = lane < p.n_group ? gscores[token * p.n_group + lane] : -INFINITY;
+      const uint32_t kept = kept_groups(gscore, p.n_group, p.topk_group, lane);
+#pragma unroll
+      for (int s = 0; s < VPL; ++s) {  // slot s is group s
+        if (!((kept >> s) & 1u)) key[s] = kNoKey;
+      }
+    }
+    int my_id = 0;
+    uint32_t my_key = kNoKey;
+    const int picks = warp_top_k(key, p.top_k, lane, &my_id, &my_key);
+    const float weight = lane < picks ? scores[token * E + my_id] : 0.0f;
+    const float chosen_sum = sum_in_lane_order(weight, picks);
+    write_row(p, token, lane, picks, my_id, weight, chosen_sum, ids_copy);
+  }
+}
+
 }  // namespace ops
 }  // namespace amoe

@@ -22,7 +22,8 @@ __global__ void __launch_bounds__(kAlignSmallThreads) align_small_kernel(const A
   extern __shared__ int smem[];
   griddep::allow_dependents();
   griddep::wait();  // the ids; and a kernel before this one may still read the outputs
-  fill_past_bound(p, threadIdx.x, blockDim.x);
+  fill_before_layout(p, threadIdx.x, blockDim.x);
+  __syncthreads();  // up to 32 slots the layout overwrites part of it
   align_small_block(p, smem);
 }
 

@@ -17,7 +17,7 @@
 // atomics, keeping the order. Pass 1 counts per (segment, expert); a scan over segments and
 // experts gives every (segment, expert) its first position; pass 2 walks the segments again
 // and writes each slot there.
-//   - up to 32 slots (a few tokens): one warp lays them out and the block pads the rest
+//   - up to 32 slots (a few tokens): one warp lays them out over the padding the block wrote
 //     (align_warp_block), inside the one-block path below;
 //   - up to kAlignSmallMaxSlots slots: one block of 16 warps does all of it (one launch;
 //     align_small_block, which the single-launch prologue (moe_ops/prologue.cuh) calls too,
@@ -155,12 +155,18 @@ __device__ __forceinline__ int blocks_in_bound(const AlignParams& p) {
   return min((layout_bound(p) + p.block_m - 1) / p.block_m, p.num_blocks);
 }
 
-// Everything past layout_bound is pad, in blocks of expert 0, whatever the ids: the one-block
-// kernels write it before the layout (the prologue before it even routes), and the layout
-// fills only up to the bound.
-__device__ __forceinline__ void fill_past_bound(const AlignParams& p, int first, int stride) {
-  fill_tail(p, layout_bound(p), first, stride, p.sorted_len);
-  for (int b = blocks_in_bound(p) + first; b < p.num_blocks; b += stride) p.expert_ids[b] = 0;
+constexpr int kAlignWarpMaxSlots = kWarp;  // align_warp_block's slots at most
+
+// What the one-block layouts do not write, written before them (the prologue's even before it
+// routes): everything past layout_bound is pad, in blocks of expert 0, whatever the ids; up to
+// 32 slots (align_warp_block) everything is, and the layout overwrites its slots and blocks.
+// Every thread of the block calls it, and a barrier separates it from the layout.
+__device__ __forceinline__ void fill_before_layout(const AlignParams& p, int first, int stride) {
+  const bool all = p.num_slots <= kAlignWarpMaxSlots;
+  fill_tail(p, all ? 0 : layout_bound(p), first, stride, p.sorted_len);
+  for (int b = (all ? 0 : blocks_in_bound(p)) + first; b < p.num_blocks; b += stride) {
+    p.expert_ids[b] = 0;
+  }
 }
 
 // Thread e (< E) knows its expert's count and first position: pads the end of its run.
@@ -171,49 +177,36 @@ __device__ __forceinline__ void pad_run(const AlignParams& p, int start, int cou
 __device__ __forceinline__ int round_up_to(int v, int m) { return (v + m - 1) / m * m; }
 
 // ---- up to 32 slots: one warp lays them out, the block writes the padding ----
-constexpr int kAlignWarpMaxSlots = kWarp;
 
 // The layout of at most 32 slots (a few tokens: decode) without the count / scan / scatter
 // passes: lane i holds slot i, the lanes of one expert find each other (__match_any_sync),
-// and each expert's first position is the padded counts of the smaller experts, summed over
-// the lanes that lead their expert. One read of the ids instead of two, one __syncthreads
-// instead of five, no scan. The same layout as align_small_block. Every thread of the block
-// must call it; `smem`: one int; `ids_smem`: the ids in shared memory, or null to read them
-// from topk_ids. Past layout_bound: fill_past_bound.
-__device__ __forceinline__ void align_warp_block(const AlignParams& p, int* smem,
-                                                 const int32_t* ids_smem) {
-  const int tid = threadIdx.x, lane = tid % kWarp;
-  if (tid < kWarp) {
-    const int e = lane >= p.num_slots      ? -1
-                  : ids_smem != nullptr ? ids_smem[lane]
-                                        : __ldcg(p.topk_ids + lane);
-    const bool valid = valid_expert(e, p.E);
-    const unsigned peers = __match_any_sync(kFullMask, valid ? e : -1);
-    const int count = __popc(peers);
-    const bool leads = valid && lane == __ffs(peers) - 1;
-    const int padded = leads ? round_up_to(count, p.block_m) : 0;
-    int start = 0, ntpp = 0;
-    for (int j = 0; j < kWarp; ++j) {
-      const int ej = __shfl_sync(kFullMask, e, j);
-      const int pj = __shfl_sync(kFullMask, padded, j);  // 0 unless lane j leads its expert
-      if (ej < e) start += pj;
-      ntpp += pj;
-    }
-    if (valid) p.sorted[start + __popc(peers & lanemask_lt())] = lane;
-    if (leads) {
-      pad_run(p, start, count, padded);
-      for (int b = start / p.block_m; b < (start + padded) / p.block_m; ++b) p.expert_ids[b] = e;
-    }
-    if (lane == 0) {
-      *p.ntpp = ntpp;
-      *smem = ntpp;
-    }
+// and each expert's first block is the block counts of the smaller experts, summed over the
+// lanes that lead their expert. One read of the ids instead of two, no barrier, no scan. The
+// same layout as align_small_block. It writes only the slots, their blocks' experts and ntpp:
+// fill_before_layout has written everything else (pad, expert 0) beforehand, so that nothing
+// after the count waits for it (bench/NOTES.md, item 79). Warp 0 runs it; `ids_smem`: the ids
+// in shared memory, or null to read them from topk_ids.
+__device__ __forceinline__ void align_warp_block(const AlignParams& p, const int32_t* ids_smem) {
+  const int lane = threadIdx.x % kWarp;
+  if (threadIdx.x >= kWarp) return;
+  const int e = lane >= p.num_slots      ? -1
+                : ids_smem != nullptr ? ids_smem[lane]
+                                      : __ldcg(p.topk_ids + lane);
+  const bool valid = valid_expert(e, p.E);
+  const unsigned peers = __match_any_sync(kFullMask, valid ? e : -1);
+  const int count = __popc(peers);
+  const bool leads = valid && lane == __ffs(peers) - 1;
+  const int blocks = leads ? (count + p.block_m - 1) / p.block_m : 0;
+  int first = 0, used = 0;  // in blocks
+  for (int j = 0; j < kWarp; ++j) {
+    const int ej = __shfl_sync(kFullMask, e, j);
+    const int bj = __shfl_sync(kFullMask, blocks, j);  // 0 unless lane j leads its expert
+    if (ej < e) first += bj;
+    used += bj;
   }
-  __syncthreads();
-  const int ntpp = *smem;
-  fill_tail(p, ntpp, tid, blockDim.x, layout_bound(p));
-  const int blocks = blocks_in_bound(p);
-  for (int b = ntpp / p.block_m + tid; b < blocks; b += blockDim.x) p.expert_ids[b] = 0;
+  if (valid) p.sorted[first * p.block_m + __popc(peers & lanemask_lt())] = lane;
+  for (int b = first; b < first + blocks; ++b) p.expert_ids[b] = e;
+  if (lane == 0) *p.ntpp = used * p.block_m;
 }
 
 // ---- small path: one block does everything ----
@@ -223,12 +216,12 @@ __host__ __device__ inline int align_small_smem_bytes(int E) {
 }
 
 // The whole layout by one block of kAlignSmallThreads threads up to layout_bound (past it:
-// fill_past_bound); every thread of the block must call it (it contains __syncthreads).
+// fill_before_layout); every thread of the block must call it (it contains __syncthreads).
 // `smem`: align_small_smem_bytes(E) bytes; `ids_smem`: see align_warp_block (up to 32 slots).
 __device__ __forceinline__ void align_small_block(const AlignParams& p, int* smem,
                                                   const int32_t* ids_smem = nullptr) {
   if (p.num_slots <= kAlignWarpMaxSlots) {
-    align_warp_block(p, smem, ids_smem);
+    align_warp_block(p, ids_smem);
     return;
   }
   int* cnt = smem;  // [warps][E]: per-warp counts, then each warp's first position per expert

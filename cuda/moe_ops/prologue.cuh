@@ -2,13 +2,13 @@
 // one launch, for small batches, where every launch of the separate kernels costs more than
 // its work.
 //
-// Block 0 (16 warps) first pads sorted_token_ids past where any layout can reach (it needs no
-// ids), then routes the tokens with the device functions of moe_ops/routing.cuh: DeepSeek-V3's
-// groups of 32 for up to 8 tokens with the whole block (route_grouped_block), anything else a
-// warp per token (warp w takes tokens w, w + 16, ...); after a __syncthreads it lays out the slots it has
-// just written with align_small_block (moe_ops/align.cuh). Up to 32 slots the ids come from a
-// copy in shared memory; more are read back through L2 (coherent loads: never the read-only
-// path for data written by the same launch).
+// Block 0 (16 warps) first writes the padding the layout will not write (fill_before_layout: it
+// needs no ids), then routes the tokens with the device functions of moe_ops/routing.cuh:
+// DeepSeek-V3's groups of 32 for up to 8 tokens with the whole block (route_grouped_block),
+// anything else a warp per token (warp w takes tokens w, w + 16, ...); after a __syncthreads it
+// lays out the slots it has just written with align_small_block (moe_ops/align.cuh). Up to 32
+// slots the ids come from a copy in shared memory; more are read back through L2 (coherent
+// loads: never the read-only path for data written by the same launch).
 // Blocks 1.. quantise meanwhile, a warp per 128-value group (moe_ops/quant.cuh quant_group),
 // zeroing the output in the same pass: quantisation does not depend on routing. The results
 // are those of the separate kernels bit for bit, because they are the same functions.
@@ -114,7 +114,7 @@ __global__ void __launch_bounds__(kPrologueThreads, 1) moe_prologue_kernel(const
     if (g < p.groups) quant_group(p.x, g, p.q, p.scale, p.zero_out, lane);
     return;
   }
-  fill_past_bound(p.align, threadIdx.x, kPrologueThreads);  // needs no ids: before routing
+  fill_before_layout(p.align, threadIdx.x, kPrologueThreads);  // needs no ids: before routing
   // Up to 32 slots the routing warps also leave the ids in shared memory for the layout.
   int32_t* ids_smem =
       p.align.num_slots <= kAlignWarpMaxSlots

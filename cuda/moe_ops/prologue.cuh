@@ -14,7 +14,7 @@
 // are those of the separate kernels bit for bit, because they are the same functions.
 //
 // Latency at M = 1: one launch, and block 0's critical path is the logits' load, the token's
-// scores and top-k rounds, then the layout (one warp and one barrier up to 32 slots), while the
+// scores, group scores and top-k rounds, then the layout (one warp up to 32 slots), while the
 // quantising blocks run on other SMs; the fused kernel's launch overlaps all of it. Routing in
 // one block costs about a token's latency per 16 tokens, so the separate kernels (a block per 4
 // tokens) win from a few dozen tokens on; the entry takes up to kPrologueMaxSlots slots either

@@ -223,6 +223,14 @@ __device__ __forceinline__ uint32_t kept_groups(float gscore, int n_group, int t
 // Groups of 32 experts (DeepSeek-V3's 256 / 8): group g is slot g of every lane, so its two
 // largest keys come from warp reductions (the largest, whether two lanes hold it, the largest
 // of the rest), independent across groups.
+__device__ __forceinline__ float warp_group_score(uint32_t key) {
+  const uint32_t t1 = __reduce_max_sync(kFullMask, key);
+  const bool top = key == t1;
+  const uint32_t rest = __reduce_max_sync(kFullMask, top ? kNoKey : key);
+  const uint32_t t2 = __popc(__ballot_sync(kFullMask, top)) >= 2 ? t1 : rest;
+  return choice_value(__fadd_rn(key_value(t1), key_value(t2)));
+}
+
 template <int VPL>
 __device__ __forceinline__ float group_score_of_slot(const uint32_t (&key)[VPL], int n_group,
                                                      int lane) {
@@ -230,11 +238,8 @@ __device__ __forceinline__ float group_score_of_slot(const uint32_t (&key)[VPL],
 #pragma unroll
   for (int g = 0; g < VPL; ++g) {
     if (g < n_group) {
-      const uint32_t t1 = __reduce_max_sync(kFullMask, key[g]);
-      const bool top = key[g] == t1;
-      const uint32_t rest = __reduce_max_sync(kFullMask, top ? kNoKey : key[g]);
-      const uint32_t t2 = __popc(__ballot_sync(kFullMask, top)) >= 2 ? t1 : rest;
-      if (lane == g) mine = choice_value(__fadd_rn(key_value(t1), key_value(t2)));
+      const float score = warp_group_score(key[g]);
+      if (lane == g) mine = score;
     }
   }
   return mine;
@@ -386,12 +391,8 @@ __device__ __forceinline__ void route_grouped_block(const RoutingParams& p, void
   if (select) {
     // Task (t, g) reads keys [t][32 g + lane] = keys[32 task + lane], since E = 32 n_group.
     for (int task = warp; task < p.M * p.n_group; task += warps) {
-      const uint32_t key = keys[task * kWarp + lane];
-      const uint32_t t1 = __reduce_max_sync(kFullMask, key);
-      const bool top = key == t1;
-      const uint32_t rest = __reduce_max_sync(kFullMask, top ? kNoKey : key);
-      const uint32_t t2 = __popc(__ballot_sync(kFullMask, top)) >= 2 ? t1 : rest;
-      if (lane == 0) gscores[task] = choice_value(__fadd_rn(key_value(t1), key_value(t2)));
+      const float score = warp_group_score(keys[task * kWarp + lane]);
+      if (lane == 0) gscores[task] = score;
     }
     __syncthreads();
   }

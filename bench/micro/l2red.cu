@@ -12,6 +12,8 @@
 // bytes per byte, item 44)? If so, the epilogue could go back to bulk reductions now that the TMA
 // unit carries only weight tiles (item 33). Answer (item 59): no. Into 14 MB all reductions ran
 // at 3.16-3.20 TB/s of bf16; into 112 MiB bulk ones were 8 % faster (870 against 944 us).
+// `l2red sms` (item 90) adds from fewer CTAs: on an H200 one SM takes at most ~46 GB/s of
+// reductions whatever issues them, all SMs together 3.65 TB/s.
 // Build: nvcc -gencode=arch=compute_90a,code=sm_90a -O3 -std=c++17 -Icuda -o /tmp/l2red bench/micro/l2red.cu
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -19,18 +21,12 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstdio>
+#include <string>
 #include <vector>
 
+#include "check.cuh"
 #include "fused_moe/ptx.cuh"
 using namespace amoe;
-#define CK(x)                                                        \
-  do {                                                               \
-    cudaError_t e = (x);                                             \
-    if (e != cudaSuccess) {                                          \
-      printf("%s: %s\n", #x, cudaGetErrorString(e));                 \
-      return 1;                                                      \
-    }                                                                \
-  } while (0)
 
 constexpr int K = 7168, ADDS = 73728, ROW_BYTES = K * 2;
 
@@ -95,7 +91,8 @@ __global__ void bulk(__nv_bfloat16* out, int rows, int chunks, int hint) {
   asm volatile("cp.async.bulk.wait_group 0;" ::: "memory");
 }
 
-int main() {
+int main(int argc, char** argv) {
+  const bool sweep = argc > 1 && std::string(argv[1]) == "sms";
   int sms = 0;
   CK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
   __nv_bfloat16* out;
@@ -124,6 +121,27 @@ int main() {
     printf("%-22s rows %4d (%3zu MB) warps/CTA %2d: %7.1f us, %5.0f GB/s of bf16\n", what, rows,
            size_t(rows) * ROW_BYTES >> 20, warps_per_cta, ms * 1e3, bytes / (ms * 1e-3) / 1e9);
   };
+  if (sweep) {
+    // Per SM or per L2? The same adds from fewer CTAs (one per SM, 16 warps each) into the
+    // L2-resident window: if GB/s per CTA stays flat as CTAs drop, each SM's path to the L2 is
+    // the limit, not the L2 (bench/NOTES.md item 90).
+    for (int ctas : {sms, sms / 4}) {
+      for (int w : {4, 8, 16, 32}) {
+        const float vec_ms = timeit([&] { vec<<<ctas, 32 * w>>>(out, 1024); });
+        CK(cudaGetLastError());
+        const float bulk_ms =
+            timeit([&] { bulk<<<ctas, 32 * w, ROW_BYTES>>>(out, 1024, 28, 1); });
+        CK(cudaGetLastError());
+        const float store_ms = timeit([&] { store<<<ctas, 32 * w>>>(out, 1024); });
+        CK(cudaGetLastError());
+        auto rate = [&](float ms) { return bytes / (ms * 1e-3) / 1e9; };
+        printf("CTAs %3d warps %2d: GB/s per CTA: vec %5.1f, bulk x28 %5.1f, store %5.1f (vec all %4.0f)\n",
+               ctas, w, rate(vec_ms) / ctas, rate(bulk_ms) / ctas, rate(store_ms) / ctas, rate(vec_ms));
+      }
+    }
+    CK(cudaDeviceSynchronize());
+    return 0;
+  }
   for (int rows : {1024, 8192}) {
     for (int w : {8, 16}) {
       report("vec (kernel's)", rows, w, timeit([&] { vec<<<sms, 32 * w>>>(out, rows); }));

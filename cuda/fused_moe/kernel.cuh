@@ -417,7 +417,10 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
   constexpr int kConsumerThreads = WGS * 128;
   // Threads that synchronise within a sub-tile: the warpgroup alone with kHalves.
   constexpr int kSyncThreads = kHalves ? 128 : kConsumerThreads;
-  const int wg = ctid / 128;
+  // Broadcast from lane 0, so that the compiler knows it is the same in the whole warp: the
+  // wgmma descriptors built from it (rows, tokens of this warpgroup) then live in uniform
+  // registers, not in per-thread ones moved over (R2UR) before every wgmma (item 94).
+  const int wg = __shfl_sync(0xffffffffu, ctid / 128, 0);
   const int sync_id = kHalves ? 2 + wg : 1;
   const int warp = (ctid % 128) / 32;
   const int lane = ctid % 32;
@@ -1014,7 +1017,7 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
   // Each role is one branch of a single if/else with no code after it, the shape in which
   // setmaxnreg moves registers from the producer warpgroup to the consumers (shared code after
   // the branches made ptxas spill).
-  if (tid < 128) {
+  if (__shfl_sync(0xffffffffu, tid / 128, 0) == 0) {  // warp-uniform, as consume's wg
     if constexpr (WGS > 1) ptx::setmaxnreg_dec<56>();
     produce<S, kAllSlices>(p, info, ring, tid);
     if (keeps_order) griddep::wait();  // after its own unit's tiles are issued

@@ -220,9 +220,8 @@ __device__ __forceinline__ uint32_t kept_groups(float gscore, int n_group, int t
 // A group's score is the sum of its two largest choice values (with multiplicity; the largest
 // alone for groups of one). These two return group `lane`'s score on lanes < n_group.
 //
-// Groups of 32 experts (DeepSeek-V3's 256 / 8): group g is slot g of every lane, so its two
-// largest keys come from warp reductions (the largest, whether two lanes hold it, the largest
-// of the rest), independent across groups.
+// The score of a group of 32 keys, one per lane, on every lane: its two largest keys come from
+// warp reductions (the largest, whether two lanes hold it, the largest of the rest).
 __device__ __forceinline__ float warp_group_score(uint32_t key) {
   const uint32_t t1 = __reduce_max_sync(kFullMask, key);
   const bool top = key == t1;
@@ -231,6 +230,8 @@ __device__ __forceinline__ float warp_group_score(uint32_t key) {
   return choice_value(__fadd_rn(key_value(t1), key_value(t2)));
 }
 
+// Groups of 32 experts (DeepSeek-V3's 256 / 8): group g is slot g of every lane, so each
+// group's score is one warp_group_score, independent across groups.
 template <int VPL>
 __device__ __forceinline__ float group_score_of_slot(const uint32_t (&key)[VPL], int n_group,
                                                      int lane) {

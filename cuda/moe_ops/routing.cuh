@@ -218,7 +218,7 @@ __device__ __forceinline__ uint32_t kept_groups(float gscore, int n_group, int t
 }
 
 // A group's score is the sum of its two largest choice values (with multiplicity; the largest
-// alone for groups of one). These two return group `lane`'s score on lanes < n_group.
+// alone for groups of one).
 //
 // The score of a group of 32 keys, one per lane, on every lane: its two largest keys come from
 // warp reductions (the largest, whether two lanes hold it, the largest of the rest).
@@ -230,6 +230,18 @@ __device__ __forceinline__ float warp_group_score(uint32_t key) {
   return choice_value(__fadd_rn(key_value(t1), key_value(t2)));
 }
 
+// Groups of 32 experts, slot s of every lane being group s: drops the slots of the groups not
+// in `kept` (past the groups the keys are kNoKey already).
+template <int VPL>
+__device__ __forceinline__ void drop_slot_groups(uint32_t (&key)[VPL], uint32_t kept) {
+#pragma unroll
+  for (int s = 0; s < VPL; ++s) {
+    if (!((kept >> s) & 1u)) key[s] = kNoKey;
+  }
+}
+
+// group_score_of_slot and group_score_by_scan return group `lane`'s score on lanes < n_group.
+//
 // Groups of 32 experts (DeepSeek-V3's 256 / 8): group g is slot g of every lane, so each
 // group's score is one warp_group_score, independent across groups.
 template <int VPL>
@@ -316,11 +328,7 @@ __device__ __forceinline__ void route_grouped_token(const RoutingParams& p, int 
     // (Up to 8 slots per lane: at 16, E > 256, ptxas spills in the routing kernel.)
     if (group_size == kWarp && VPL <= 8) {
       const float gscore = group_score_of_slot(key, p.n_group, lane);
-      const uint32_t kept = kept_groups(gscore, p.n_group, p.topk_group, lane);
-#pragma unroll
-      for (int s = 0; s < VPL; ++s) {  // slot s is group s (past the groups: kNoKey already)
-        if (!((kept >> s) & 1u)) key[s] = kNoKey;
-      }
+      drop_slot_groups(key, kept_groups(gscore, p.n_group, p.topk_group, lane));
     } else {
       const float gscore = group_score_by_scan(key, p.E, p.n_group, lane, row_smem);
       const uint32_t kept = kept_groups(gscore, p.n_group, p.topk_group, lane);
@@ -406,11 +414,7 @@ __device__ __forceinline__ void route_grouped_block(const RoutingParams& p, void
     }
     if (select) {
       const float gscore = lane < p.n_group ? gscores[token * p.n_group + lane] : -INFINITY;
-      const uint32_t kept = kept_groups(gscore, p.n_group, p.topk_group, lane);
-#pragma unroll
-      for (int s = 0; s < VPL; ++s) {  // slot s is group s
-        if (!((kept >> s) & 1u)) key[s] = kNoKey;
-      }
+      drop_slot_groups(key, kept_groups(gscore, p.n_group, p.topk_group, lane));
     }
     int my_id = 0;
     uint32_t my_key = kNoKey;

@@ -159,13 +159,13 @@ __device__ __forceinline__ uint64_t sw128_desc(const void* p) {
   return desc;
 }
 
-// sw128_desc(p + bytes) from sw128_desc(p): shared addresses stay below 2^18, so the start
-// field never carries into the next one and only the low word changes. A loop builds one
+// sw128_desc(p + bytes) from sw128_desc(p): shared addresses stay below 2^18, so the 14-bit
+// start field never carries into the next one, and a plain add is exact. A loop builds one
 // descriptor per stage and adds its steps' offsets, not the four or five instructions of a
-// rebuild before every wgmma (bench/NOTES.md, item 63).
+// rebuild before every wgmma (bench/NOTES.md, item 63). Splitting off the low word to add
+// into it made the compiler mask and re-join both words around every add (item 95).
 __device__ __forceinline__ uint64_t desc_plus(uint64_t desc, uint32_t bytes) {
-  const uint32_t lo = uint32_t(desc) + (bytes >> 4);
-  return (desc & 0xFFFFFFFF00000000ull) | lo;
+  return desc + (bytes >> 4);
 }
 
 // ---- clusters and distributed shared memory ----

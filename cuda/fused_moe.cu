@@ -43,16 +43,18 @@ const FusedMoeVariant* find_variant(int tokens, int wgs, bool split_n) {
   return nullptr;
 }
 
-// The per-block shared-memory limit of the current device, queried once per device.
-int device_smem_optin(int* bytes) {
+// An attribute of the current device (the per-block shared-memory limit, the L2 size), queried
+// once per device.
+template <cudaDeviceAttr kAttribute>
+int device_attribute(int* value) {
   static std::atomic<int> cached[kMaxDevices];
   int device = 0;
   AMOE_CUDA(cudaGetDevice(&device));
-  if (device < kMaxDevices && (*bytes = cached[device].load(std::memory_order_relaxed)) > 0) {
+  if (device < kMaxDevices && (*value = cached[device].load(std::memory_order_relaxed)) > 0) {
     return AMOE_OK;
   }
-  AMOE_CUDA(cudaDeviceGetAttribute(bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  if (device < kMaxDevices) cached[device].store(*bytes, std::memory_order_relaxed);
+  AMOE_CUDA(cudaDeviceGetAttribute(value, kAttribute, device));
+  if (device < kMaxDevices) cached[device].store(*value, std::memory_order_relaxed);
   return AMOE_OK;
 }
 
@@ -99,7 +101,7 @@ int resolve_config(const Config& c, int N, const FusedMoeVariant** variant, int*
                 c.block_n, c.warp_n, c.split, c.all_slices);
   }
   int optin = 0;
-  AMOE_TRY(device_smem_optin(&optin));
+  AMOE_TRY(device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(&optin));
   const bool halves = c.split == 1 && token_halves(c);
   // One CTA per token block for every N slice (bench/NOTES.md, item 47); with one slice it is
   // the one-slice kernel.
@@ -416,7 +418,12 @@ int amoe_fused_moe_w8a8_up_down(const void* x, const float* x_scale, const void*
                             w_scale, w2_scale, topk_weights,
                             static_cast<__nv_bfloat16*>(out), M, K, N, top_k, block_m, stages,
                             c.cluster(), tiled ? 1 : 0, sorted_len, scaling_factor,
-                            kWholeLaunch, 0, 0};
+                            kWholeLaunch, 0, 0, 0};
+  // An output larger than the L2 cannot stay there between a row's top_k additions: its
+  // reductions go evict-first (bench/NOTES.md, items 96-97).
+  int l2_bytes = 0;
+  AMOE_TRY(device_attribute<cudaDevAttrL2CacheSize>(&l2_bytes));
+  l.params.out_streamed = int64_t(M) * K * 2 > l2_bytes ? 1 : 0;
   // moe_align_block_size pads each expert's run of slots to a multiple of block_m, so at most
   // floor(slots / block_m) + min(E, slots) blocks hold tokens; the rest of sorted_len is
   // padding whose CTAs would only start and exit (at M=1 on E=257, 217 of 226 blocks: 13 waves

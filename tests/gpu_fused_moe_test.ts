@@ -254,6 +254,35 @@ gpuTest("all_slices: one CTA per token block over one, two and three N slices", 
   checkKernelConfig(4096, 768, { ...cfg(80, 32, 8, 3), allSlices: true });
 });
 
+gpuTest("an output larger than the L2 (reductions evict-first) against the reference", () => {
+  // Past the L2's size the output's reductions change their cache policy (bench/NOTES.md, item
+  // 97): ~1.25 x the L2 of output rows, through the one-launch, token-halves, split and tail paths.
+  const K = 2048;
+  const M = Math.ceil((deviceInfo().l2Bytes * 1.25) / (K * 2) / 8) * 8;
+  const p = makeRandomMoeProblem({ M, K, N: 256, numExperts: 8, topK: 2, blockM: 8, seed: 31 });
+  using dev = new DeviceMoeProblem(p);
+  const rows = [0, 1, 2, M >> 1, M - 2, M - 1];
+  let worst = 0;
+  for (
+    const c of [cfg(32, 64, 4, 2), cfg(80, 32, 8, 3), cfg(16, 32, 8, 2, 2), {
+      ...cfg(64, 32, 8, 3),
+      tailSplit: 2,
+    }]
+  ) {
+    dev.run(c);
+    const ref = references(dev, p, c.blockM, rows).requant;
+    worst = Math.max(
+      worst,
+      assertClose(pick(dev.readOut(), K, rows), ref, `M=${M} block_m ${c.blockM}`),
+    );
+  }
+  console.log(
+    `M=${M} (${(M * K * 2 / 2 ** 20).toFixed(0)} MiB of output): worst relative L2 ${
+      worst.toExponential(3)
+    }`,
+  );
+});
+
 gpuTest("split_n 2: N halves of every block size, both layouts, one to three slices", () => {
   // Each CTA of a pair multiplies 128 of a slice's 256 gate/up rows, the two swap their amax and
   // FP8 halves: the output matches the reference only if every token's scale covers both.

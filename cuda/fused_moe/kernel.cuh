@@ -125,6 +125,7 @@ struct FusedMoeParams {
   int32_t tail_part;
   int32_t tail_wave;  // units the main launch runs at once
   int32_t tail_room;  // tail units (clusters) the tail launch runs at once
+  int32_t out_streamed;  // `out` is larger than the L2: its reductions are evict-first
 };
 
 enum TailPart : int32_t { kWholeLaunch = 0, kMainUnits = 1, kTailUnits = 2 };
@@ -450,8 +451,10 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
   float acc[kTiles][kRegs];
   float part[kDepth][kRegs];
   // Each output row is added to top_k times: evict-last kept ds2 M=512 at 531 us, not 551
-  // (bench/NOTES.md, item 33).
-  const uint64_t out_policy = ptx::policy_evict_last();
+  // (bench/NOTES.md, item 33), while `out` fits the L2; past it, evict-last runs were slower
+  // and unsteady (items 96-97).
+  const uint64_t out_policy =
+      p.out_streamed ? ptx::policy_evict_first() : ptx::policy_evict_last();
   constexpr int kPeersInFlight = T <= 16 ? 8 : T <= 32 ? 4 : 1;  // DSMEM loads issued together
 
   for (int sub = 0; sub < b.subtiles; ++sub) {

@@ -43,13 +43,11 @@ const FusedMoeVariant* find_variant(int tokens, int wgs, bool split_n) {
   return nullptr;
 }
 
-// An attribute of the current device (the per-block shared-memory limit, the L2 size), queried
-// once per device.
+// An attribute of a device (the per-block shared-memory limit, the L2 size), queried once per
+// device.
 template <cudaDeviceAttr kAttribute>
-int device_attribute(int* value) {
+int device_attribute(int device, int* value) {
   static std::atomic<int> cached[kMaxDevices];
-  int device = 0;
-  AMOE_CUDA(cudaGetDevice(&device));
   if (device < kMaxDevices && (*value = cached[device].load(std::memory_order_relaxed)) > 0) {
     return AMOE_OK;
   }
@@ -64,10 +62,11 @@ bool token_halves(const Config& c) {
          c.block_m <= kVariantHalves.tokens;
 }
 
-// Chooses the variant for a config on the current device: the fewest token sub-tiles (the
+// Chooses the variant for a config on `device`: the fewest token sub-tiles (the
 // largest T) whose accumulators fit the registers and whose shared memory fits the device,
 // so that every config of the seed's search space runs. *smem receives its size.
-int resolve_config(const Config& c, int N, const FusedMoeVariant** variant, int* smem) {
+int resolve_config(const Config& c, int N, int device, const FusedMoeVariant** variant,
+                   int* smem) {
   const int slices = N / kSliceRows;
   if (c.block_m < 8 || c.block_m > 128 || c.block_m % 8 != 0) {
     return fail(AMOE_ERR_UNSUPPORTED,
@@ -101,7 +100,7 @@ int resolve_config(const Config& c, int N, const FusedMoeVariant** variant, int*
                 c.block_n, c.warp_n, c.split, c.all_slices);
   }
   int optin = 0;
-  AMOE_TRY(device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(&optin));
+  AMOE_TRY(device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device, &optin));
   const bool halves = c.split == 1 && token_halves(c);
   // One CTA per token block for every N slice (bench/NOTES.md, item 47); with one slice it is
   // the one-slice kernel.
@@ -147,7 +146,8 @@ int resolve_config(const Config& c, int N, const FusedMoeVariant** variant, int*
 }
 
 // How many clusters of a config's CTAs run at once, queried once per (device, variant, size).
-int resident_clusters(const FusedMoeVariant* variant, int smem, int cluster, int* count) {
+int resident_clusters(int device, const FusedMoeVariant* variant, int smem, int cluster,
+                      int* count) {
   struct Entry {
     int device;
     const FusedMoeVariant* variant;
@@ -156,8 +156,6 @@ int resident_clusters(const FusedMoeVariant* variant, int smem, int cluster, int
   static std::mutex mutex;
   static Entry entries[64];
   static int used = 0;
-  int device = 0;
-  AMOE_CUDA(cudaGetDevice(&device));
   {
     std::lock_guard<std::mutex> lock(mutex);
     for (int i = 0; i < used; ++i) {
@@ -168,17 +166,17 @@ int resident_clusters(const FusedMoeVariant* variant, int smem, int cluster, int
       }
     }
   }
-  AMOE_TRY(variant->max_clusters(smem, cluster, count));
+  AMOE_TRY(variant->max_clusters(device, smem, cluster, count));
   std::lock_guard<std::mutex> lock(mutex);
   entries[used < 64 ? used++ : device % 64] = Entry{device, variant, smem, cluster, *count};
   return AMOE_OK;
 }
 
 // A split config also needs the device to fit one cluster of `split` such CTAs.
-int check_clusters(const Config& c, const FusedMoeVariant* variant, int smem) {
+int check_clusters(const Config& c, int device, const FusedMoeVariant* variant, int smem) {
   if (c.cluster() == 1) return AMOE_OK;
   int clusters = 0;  // cached: resolve_tail checks the tail config on every launch
-  AMOE_TRY(resident_clusters(variant, smem, c.cluster(), &clusters));
+  AMOE_TRY(resident_clusters(device, variant, smem, c.cluster(), &clusters));
   if (clusters == 0) {
     return fail(AMOE_ERR_UNSUPPORTED,
                 "this device cannot run a cluster of %d CTAs of %d bytes of shared memory each "
@@ -193,8 +191,8 @@ int check_clusters(const Config& c, const FusedMoeVariant* variant, int smem) {
 // main one, as clusters that share each unit: split units (K) for blocks of up to 64 tokens,
 // N halves for the token-halves blocks (72, 80), whose partial sums would not fit. Its ring
 // has as many stages as fit, up to the main config's.
-int resolve_tail(const Config& c, int N, Config* tail, const FusedMoeVariant** variant,
-                 int* smem) {
+int resolve_tail(const Config& c, int N, int device, Config* tail,
+                 const FusedMoeVariant** variant, int* smem) {
   if (c.tail_split < 1 || c.tail_split > kMaxSplit) {
     return fail(AMOE_ERR_UNSUPPORTED, "tail_split %d is not supported: valid values are 1..%d",
                 c.tail_split, kMaxSplit);
@@ -216,8 +214,8 @@ int resolve_tail(const Config& c, int N, Config* tail, const FusedMoeVariant** v
   tail->split_n = halves ? 2 : 1;
   tail->tail_split = 1;
   for (tail->stages = c.stages;; --tail->stages) {
-    const int status = resolve_config(*tail, N, variant, smem);
-    if (status == AMOE_OK) return check_clusters(*tail, *variant, *smem);
+    const int status = resolve_config(*tail, N, device, variant, smem);
+    if (status == AMOE_OK) return check_clusters(*tail, device, *variant, *smem);
     if (tail->stages == 1) return status;
   }
 }
@@ -348,13 +346,13 @@ int amoe_fused_moe_check_config(int32_t K, int32_t N, int32_t block_m, int32_t b
   AMOE_REQUIRE(N > 0 && N % 256 == 0, "N must be a positive multiple of 256, got %d", N);
   const Config c{block_m, block_n, warp_n, stages, split, all_slices, split_n, tail_split};
   const FusedMoeVariant* variant = nullptr;
-  int smem = 0;
-  AMOE_TRY(select_device());
-  AMOE_TRY(resolve_config(c, N, &variant, &smem));
-  AMOE_TRY(check_clusters(c, variant, smem));
+  int smem = 0, device = 0;
+  AMOE_TRY(select_device(&device));
+  AMOE_TRY(resolve_config(c, N, device, &variant, &smem));
+  AMOE_TRY(check_clusters(c, device, variant, smem));
   if (c.tail_split == 1) return AMOE_OK;
   Config tail;
-  return resolve_tail(c, N, &tail, &variant, &smem);
+  return resolve_tail(c, N, device, &tail, &variant, &smem);
 }
 
 int amoe_fused_moe_w8a8_up_down(const void* x, const float* x_scale, const void* w,
@@ -390,18 +388,17 @@ int amoe_fused_moe_w8a8_up_down(const void* x, const float* x_scale, const void*
                "scale, weight, id and output pointers must be 4-byte aligned");
   const Config c{block_m, block_n, warp_n, stages, split, all_slices, split_n, tail_split};
   const FusedMoeVariant* variant = nullptr;
-  int smem = 0;
-  AMOE_TRY(select_device());
-  AMOE_TRY(resolve_config(c, N, &variant, &smem));
+  int smem = 0, device = 0;
+  AMOE_TRY(select_device(&device));
+  AMOE_TRY(resolve_config(c, N, device, &variant, &smem));
   Config tail;
   const FusedMoeVariant* tail_variant = nullptr;
   int tail_smem = 0;
-  if (c.tail_split > 1) AMOE_TRY(resolve_tail(c, N, &tail, &tail_variant, &tail_smem));
+  if (c.tail_split > 1) AMOE_TRY(resolve_tail(c, N, device, &tail, &tail_variant, &tail_smem));
   if (M == 0 || sorted_len == 0) return AMOE_OK;
 
-  int device = 0;
-  AMOE_CUDA(cudaGetDevice(&device));
   FusedMoeLaunch l;
+  l.device = device;
   const bool tiled = weight_layout == AMOE_WEIGHTS_TILES;
   for (const bool promote : {true, false}) {  // the two versions of WeightMaps
     AMOE_TRY(tensor_map(w_key(device, w, K, N, num_experts, tiled, promote, kSliceRows),
@@ -422,7 +419,7 @@ int amoe_fused_moe_w8a8_up_down(const void* x, const float* x_scale, const void*
   // An output larger than the L2 cannot stay there between a row's top_k additions: its
   // reductions go evict-first (bench/NOTES.md, items 96-97).
   int l2_bytes = 0;
-  AMOE_TRY(device_attribute<cudaDevAttrL2CacheSize>(&l2_bytes));
+  AMOE_TRY(device_attribute<cudaDevAttrL2CacheSize>(device, &l2_bytes));
   l.params.out_streamed = int64_t(M) * K * 2 > l2_bytes ? 1 : 0;
   // moe_align_block_size pads each expert's run of slots to a multiple of block_m, so at most
   // floor(slots / block_m) + min(E, slots) blocks hold tokens; the rest of sorted_len is
@@ -444,8 +441,8 @@ int amoe_fused_moe_w8a8_up_down(const void* x, const float* x_scale, const void*
   // SMs as the main launch's last wave frees them, and its first CTA waits for the main launch
   // before it exits, so that the pair completes in stream order.
   int wave = 0, room = 0;
-  AMOE_TRY(resident_clusters(variant, smem, 1, &wave));
-  AMOE_TRY(resident_clusters(tail_variant, tail_smem, tail.cluster(), &room));
+  AMOE_TRY(resident_clusters(device, variant, smem, 1, &wave));
+  AMOE_TRY(resident_clusters(device, tail_variant, tail_smem, tail.cluster(), &room));
   AMOE_REQUIRE(wave > 0 && room > 0, "the device runs no CTA of this config");
   FusedMoeLaunch t = l;
   t.params.stages = tail.stages;

@@ -55,7 +55,11 @@ int check_cuda(cudaError_t err, const char* what) {
   return fail(AMOE_ERR_CUDA, "%s: %s", what, cudaGetErrorString(err));
 }
 
-int select_device() { return check_cuda(cudaSetDevice(chosen_device.load()), "cudaSetDevice"); }
+int select_device(int* device) {
+  const int chosen = chosen_device.load();
+  if (device) *device = chosen;
+  return check_cuda(cudaSetDevice(chosen), "cudaSetDevice");
+}
 
 }  // namespace amoe
 

@@ -14,8 +14,9 @@ int fail(int code, const char* fmt, ...) __attribute__((format(printf, 2, 3)));
 // Maps a CUDA error to a status (OOM, sticky = fatal, other) and records "what: reason".
 int check_cuda(cudaError_t err, const char* what);
 
-// Makes the device chosen by amoe_set_device current on the calling thread.
-int select_device();
+// Makes the device chosen by amoe_set_device current on the calling thread; `device`, if
+// given, receives its ordinal.
+int select_device(int* device = nullptr);
 
 }  // namespace amoe
 

@@ -17,6 +17,7 @@ struct FusedMoeLaunch {
   FusedMoeParams params;
   dim3 grid;
   cudaStream_t stream;
+  int device;  // current, selected by the entry
   bool dependent = false;  // may start before the previous kernel ends (programmatic launch)
 };
 
@@ -29,9 +30,9 @@ struct FusedMoeVariant {
   // Shared memory of a config; `slices` = N / 256.
   int (*smem_bytes)(int stages, int block_m, int split, int slices);
   int (*launch)(const FusedMoeLaunch& l, int smem_bytes);
-  // How many clusters of `split` CTAs (split 1: CTAs) of `smem_bytes` each the device can run
-  // at once.
-  int (*max_clusters)(int smem_bytes, int split, int* count);
+  // How many clusters of `split` CTAs (split 1: CTAs) of `smem_bytes` each `device` (the
+  // current one) can run at once.
+  int (*max_clusters)(int device, int smem_bytes, int split, int* count);
 };
 
 template <int T, int WGS, bool kHalves, bool kAllSlices, bool kSplitN>
@@ -43,12 +44,10 @@ int fused_moe_smem_bytes(int stages, int block_m, int split, int slices) {
 // Raising the dynamic shared-memory limit is per function and per device; do it once per
 // device at the largest size any config can ask for rather than on every call.
 template <int T, int WGS, bool kHalves, bool kAllSlices, bool kSplitN>
-int configure_kernel() {
+int configure_kernel(int device) {
   constexpr int kMaxDevices = 64;
   static std::atomic<bool> configured[kMaxDevices];
   auto kernel = fused_moe_kernel<T, WGS, kHalves, kAllSlices, kSplitN>;
-  int device = 0;
-  AMOE_CUDA(cudaGetDevice(&device));
   if (device >= kMaxDevices || !configured[device].load(std::memory_order_acquire)) {
     int optin = 0;
     AMOE_CUDA(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
@@ -90,7 +89,7 @@ struct LaunchConfig {
 
 template <int T, int WGS, bool kHalves, bool kAllSlices, bool kSplitN>
 int fused_moe_launch(const FusedMoeLaunch& l, int smem_bytes) {
-  AMOE_TRY((configure_kernel<T, WGS, kHalves, kAllSlices, kSplitN>()));
+  AMOE_TRY((configure_kernel<T, WGS, kHalves, kAllSlices, kSplitN>(l.device)));
   const LaunchConfig c(l.grid, (WGS + 1) * 128, smem_bytes, l.stream, l.params.split,
                        l.dependent);
   return check_cuda(cudaLaunchKernelEx(&c.config, fused_moe_kernel<T, WGS, kHalves, kAllSlices, kSplitN>, l.weights,
@@ -99,14 +98,13 @@ int fused_moe_launch(const FusedMoeLaunch& l, int smem_bytes) {
 }
 
 template <int T, int WGS, bool kHalves, bool kAllSlices, bool kSplitN>
-int fused_moe_max_clusters(int smem_bytes, int split, int* count) {
-  AMOE_TRY((configure_kernel<T, WGS, kHalves, kAllSlices, kSplitN>()));
+int fused_moe_max_clusters(int device, int smem_bytes, int split, int* count) {
+  AMOE_TRY((configure_kernel<T, WGS, kHalves, kAllSlices, kSplitN>(device)));
   if (split == 1) {
-    int per_sm = 0, device = 0, sms = 0;
+    int per_sm = 0, sms = 0;
     AMOE_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
         &per_sm, fused_moe_kernel<T, WGS, kHalves, kAllSlices, kSplitN>, (WGS + 1) * 128,
         smem_bytes));
-    AMOE_CUDA(cudaGetDevice(&device));
     AMOE_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
     *count = per_sm * sms;
     return AMOE_OK;

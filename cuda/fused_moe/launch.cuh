@@ -17,7 +17,7 @@ struct FusedMoeLaunch {
   FusedMoeParams params;
   dim3 grid;
   cudaStream_t stream;
-  int device;  // current, selected by the entry
+  int device = 0;  // current, selected by the entry
   bool dependent = false;  // may start before the previous kernel ends (programmatic launch)
 };
 

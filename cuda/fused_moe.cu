@@ -6,7 +6,6 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
-#include <atomic>
 #include <mutex>
 
 #include "fused_moe/launch.cuh"
@@ -16,7 +15,6 @@ namespace {
 
 constexpr int kMaxStages = 8;
 constexpr int kMaxSplit = 16;  // CTAs per cluster: the largest non-portable cluster on Hopper
-constexpr int kMaxDevices = 64;
 
 struct Config {
   int block_m, block_n, warp_n, stages, split, all_slices, split_n;
@@ -41,19 +39,6 @@ const FusedMoeVariant* find_variant(int tokens, int wgs, bool split_n) {
     if (table[i].tokens == tokens) return &table[i];
   }
   return nullptr;
-}
-
-// An attribute of a device (the per-block shared-memory limit, the L2 size), queried once per
-// device.
-template <cudaDeviceAttr kAttribute>
-int device_attribute(int device, int* value) {
-  static std::atomic<int> cached[kMaxDevices];
-  if (device < kMaxDevices && (*value = cached[device].load(std::memory_order_relaxed)) > 0) {
-    return AMOE_OK;
-  }
-  AMOE_CUDA(cudaDeviceGetAttribute(value, kAttribute, device));
-  if (device < kMaxDevices) cached[device].store(*value, std::memory_order_relaxed);
-  return AMOE_OK;
 }
 
 // Token halves: blocks of 72 or 80 tokens on two consumer warpgroups (bench/NOTES.md, item 45).

@@ -41,16 +41,30 @@ int fused_moe_smem_bytes(int stages, int block_m, int split, int slices) {
                                                             kAllSlices ? slices : 1);
 }
 
+constexpr int kMaxDevices = 64;
+
+// An attribute of a device (the per-block shared-memory limit, the L2 size, the SM count),
+// queried once per device.
+template <cudaDeviceAttr kAttribute>
+int device_attribute(int device, int* value) {
+  static std::atomic<int> cached[kMaxDevices];
+  if (device < kMaxDevices && (*value = cached[device].load(std::memory_order_relaxed)) > 0) {
+    return AMOE_OK;
+  }
+  AMOE_CUDA(cudaDeviceGetAttribute(value, kAttribute, device));
+  if (device < kMaxDevices) cached[device].store(*value, std::memory_order_relaxed);
+  return AMOE_OK;
+}
+
 // Raising the dynamic shared-memory limit is per function and per device; do it once per
 // device at the largest size any config can ask for rather than on every call.
 template <int T, int WGS, bool kHalves, bool kAllSlices, bool kSplitN>
 int configure_kernel(int device) {
-  constexpr int kMaxDevices = 64;
   static std::atomic<bool> configured[kMaxDevices];
   auto kernel = fused_moe_kernel<T, WGS, kHalves, kAllSlices, kSplitN>;
   if (device >= kMaxDevices || !configured[device].load(std::memory_order_acquire)) {
     int optin = 0;
-    AMOE_CUDA(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+    AMOE_TRY(device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device, &optin));
     AMOE_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, optin));
     // Clusters of more than 8 (split units) are beyond the portable size.
     AMOE_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
@@ -105,7 +119,7 @@ int fused_moe_max_clusters(int device, int smem_bytes, int split, int* count) {
     AMOE_CUDA(cudaOccupancyMaxActiveBlocksPerMultiprocessor(
         &per_sm, fused_moe_kernel<T, WGS, kHalves, kAllSlices, kSplitN>, (WGS + 1) * 128,
         smem_bytes));
-    AMOE_CUDA(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+    AMOE_TRY(device_attribute<cudaDevAttrMultiProcessorCount>(device, &sms));
     *count = per_sm * sms;
     return AMOE_OK;
   }

@@ -370,14 +370,15 @@ export interface SearchRound {
 }
 
 /**
- * The default rounds: every candidate with 5 launches, the best 8 with 15, the best 3 (plus the
- * default config) with `finalIterations` launches in 4 interleaved series.
+ * The default rounds: every candidate with 5 launches, the best 8 with 15 per routing draw
+ * (`draws`: one per balancedness value, see {@link drawFor}), the best 3 (plus the default
+ * config) with `finalIterations` launches in 4 interleaved series.
  */
-export function defaultRounds(finalIterations = 40): SearchRound[] {
+export function defaultRounds(finalIterations = 40, draws = 1): SearchRound[] {
   const per = Math.max(1, Math.ceil(finalIterations / 4));
   return [
     { keep: Infinity, warmup: 2, iterations: 5, repeats: 1 },
-    { keep: 8, warmup: 1, iterations: 15, repeats: 1 },
+    { keep: 8, warmup: 1, iterations: 15, repeats: Math.max(1, draws) },
     { keep: 3, warmup: 1, iterations: per, repeats: 4 },
   ];
 }
@@ -423,10 +424,13 @@ export interface SearchOptions {
    */
   incumbents?: readonly KernelConfig[];
   /**
-   * Configs to time in the last round beside each finalist (e.g. {@link tailVariants}): options
-   * that change only how a launch ends, whose worth shows only once the base config is good.
+   * Configs to time beside each config of every round after the first (e.g.
+   * {@link tailVariants}): options that change only how a launch ends, whose worth shows only
+   * once the base config is good. They join from the second round on, so that a config that
+   * is slow on some routings without its variant (ds M=512: 64/32/8/2 at balancedness 0.6,
+   * 266 µs alone, 223 with tail split 4) is ranked with it before the finalists are picked.
    */
-  lastRoundVariants?: (c: KernelConfig) => KernelConfig[];
+  variants?: (c: KernelConfig) => KernelConfig[];
   /**
    * Stop the first round at this time (of `now`), once `minFirstRound` configs are timed:
    * the remaining candidates are left out (they come last in the order given).
@@ -474,7 +478,8 @@ function isConfigFailure(err: unknown): err is AlphaMoeError {
 /**
  * Successive halving over `candidates` (timed in the order given): round 1 times every one
  * briefly, each later round re-times the best `keep` of the round before with more launches,
- * the last round also times `lastRoundVariants` of its configs, `baseline` and `incumbents`.
+ * every later round also times the `variants` of its configs, and the last round `baseline` and
+ * `incumbents`.
  * Configs whose launch fails with a non-fatal library error are skipped and reported; a fatal
  * (sticky) CUDA error is thrown.
  *
@@ -540,14 +545,15 @@ export function searchConfigs(
     const round = rounds[ri];
     const last = ri === rounds.length - 1;
     const list = [...scored].sort((a, b) => a.us - b.us).slice(0, round.keep).map((m) => m.config);
+    const joining = list.flatMap((c) => options.variants?.(c) ?? []);
     if (last) {
-      const variants = list.flatMap((c) => options.lastRoundVariants?.(c) ?? []);
-      for (const c of [...variants, options.baseline, ...(options.incumbents ?? [])]) {
-        if (c !== undefined && !list.some((x) => sameConfig(x, c))) list.push(c);
-      }
+      joining.push(...[options.baseline, ...(options.incumbents ?? [])].flatMap((c) => c ?? []));
+    }
+    for (const c of joining) {
+      if (!list.some((x) => sameConfig(x, c))) list.push(c);
     }
     // Each config's time is the mean of its series' medians: the series may run on different
-    // routings (the tuner's last round), and a pooled median would hide one that is slower on
+    // routings (the tuner's later rounds), and a pooled median would hide one that is slower on
     // a minority of them.
     const series = list.map(() => [] as number[][]);
     const failed = new Set<number>();
@@ -1039,9 +1045,9 @@ export interface TuneOptions {
   shape: TuneShape;
   /** Token counts. */
   batchSizes: readonly number[];
-  /** Routing balancedness (1.0 uniform). With several values, the first rounds run in turn on a
-   * draw of each (round i on value i mod n) and the last round's series alternate over them, so
-   * the config chosen is the fastest on average over those routings. */
+  /** Routing balancedness (1.0 uniform). With several values, the first round ranks on a draw
+   * of the first, and the later rounds' series alternate over draws of each ({@link drawFor}),
+   * so the config chosen is the fastest on average over those routings. */
   balancedness: number | readonly number[];
   /** The table to write (its results file and resume file go beside it). */
   out: string;
@@ -1101,8 +1107,8 @@ const silentReporter: TuneReporter = {
 interface BatchPlan {
   M: number;
   topkIds: Int32Array;
-  /** Further draws: series r of the last round runs on draw r, whose balancedness is value
-   * r mod n of the run's; earlier round i runs on draw i mod n. */
+  /** Further draws: series r of a later round runs on draw r, whose balancedness is value
+   * r mod n of the run's ({@link drawFor}). */
   moreTopkIds: Int32Array[];
   counts: Int32Array;
   candidates: KernelConfig[];
@@ -1112,16 +1118,12 @@ interface BatchPlan {
 
 /**
  * Which routing draw a series of the search times on, of `draws` (draw r is at balancedness value
- * r mod `values`): series r of the last round on draw r, earlier round i on draw i mod `values`
- * (with one value, draw 0: the first rounds rank on one routing).
+ * r mod the number of values): the first round on draw 0, series r of every later round on draw
+ * r. The middle rounds have one series per value ({@link defaultRounds}), so they rank on the
+ * mean over every balancedness; the last round's series run on draws of their own.
  */
-export function drawFor(
-  run: { round: number; series: number },
-  lastRound: number,
-  values: number,
-  draws: number,
-): number {
-  return (run.round === lastRound ? run.series : run.round % values) % draws;
+export function drawFor(run: { round: number; series: number }, draws: number): number {
+  return run.round === 0 ? 0 : run.series % draws;
 }
 
 /** The build stamp beside the loaded library (`<library>.stamp`), if there is one. */
@@ -1265,20 +1267,18 @@ async function measureBatches(ctx: BatchContext, reporter: TuneReporter): Promis
       reporter.progress(configsDone, status(0));
 
       using dev = new DeviceMoeProblem(view(M, plan.topkIds), { weightsFrom: owner });
-      // Series r of the last round runs on routing draw r (draw 0 is `dev`'s), so that the
-      // config shipped is not one that suits a single draw: the number of units of work, and
-      // with it how many are left over for a last partial wave of CTAs, changes from one draw
-      // to the next (e512 M=512 at block_m 16: 518-532 units; at 532, four past four waves of
-      // 132, 16/32/8/2 ran 8 % slower than on the others, 16/32/8/4 1 %).
-      const lastRound = rounds.length - 1;
+      // Series r of every round after the first runs on routing draw r (draw 0 is `dev`'s), so
+      // that the config shipped is not one that suits a single draw: the number of units of
+      // work, and with it how many are left over for a last partial wave of CTAs, changes from
+      // one draw to the next (e512 M=512 at block_m 16: 518-532 units; at 532, four past four
+      // waves of 132, 16/32/8/2 ran 8 % slower than on the others, 16/32/8/4 1 %).
       using moreDraws = new DisposableStack();
       const draws = [dev];
       for (const ids of plan.moreTopkIds) {
         draws.push(moreDraws.use(new DeviceMoeProblem(view(M, ids), { weightsFrom: owner })));
       }
-      const nb = balancednessList(metadata.balancedness).length;
       const measure: MeasureFn = (config, run) => {
-        const d = draws[drawFor(run, lastRound, nb, draws.length)];
+        const d = draws[drawFor(run, draws.length)];
         return timer.time(
           () => d.run(config, { stream: timer.stream, outIsZeroed: true }),
           { warmup: run.warmup, iterations: run.iterations },
@@ -1289,8 +1289,7 @@ async function measureBatches(ctx: BatchContext, reporter: TuneReporter): Promis
         rounds,
         baseline: def,
         incumbents: current !== undefined ? [current] : [],
-        lastRoundVariants: (c) =>
-          tailVariants(c, unitsOfWork(plan.counts, c.blockM, N), info.smCount),
+        variants: (c) => tailVariants(c, unitsOfWork(plan.counts, c.blockM, N), info.smCount),
         deadline,
         onTimed: (done) => reporter.progress(configsDone + done, status(done)),
       });
@@ -1378,7 +1377,7 @@ export async function tuneConfigs(
     if (!(b >= 0 && b <= 1)) throw new RangeError(`balancedness must be in [0, 1], got ${b}`);
   }
   const { numExperts: E, N, K, topK } = shape;
-  const rounds = defaultRounds(options.iterations ?? 40);
+  const rounds = defaultRounds(options.iterations ?? 40, balancedness.length);
   const budget = options.budgetSeconds ?? 420;
   const seed = options.seed ?? 42;
   const batchSizes = [...new Set(options.batchSizes)].sort((a, b) => a - b);

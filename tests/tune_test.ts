@@ -234,13 +234,42 @@ Deno.test("searchConfigs: the replaced table's entry reaches the last round what
   // Variants of the finalists join the last round (the tuner's tail splits).
   const withTail = searchConfigs(space, measure, {
     rounds,
-    lastRoundVariants: (c) => c.blockM === 8 ? [{ ...c, tailSplit: 4 }] : [],
+    variants: (c) => c.blockM === 8 ? [{ ...c, tailSplit: 4 }] : [],
   });
   assert.deepEqual(withTail.ranked.map((m) => configKey(m.config)), [
     "8/32/8/2",
     "8/32/8/2/t4",
     "16/32/8/2",
   ]);
+});
+
+Deno.test("searchConfigs: a variant joins the middle round, so a config good only with it is kept", () => {
+  // ds M=512 on the H200 (bench/NOTES.md item 107): 64/32/8/2 is the fastest at balancedness 1
+  // but slow at 0.6 unless its last wave runs as tail units (tail split 4). The middle round's
+  // series 1 runs at 0.6; ranked without its variant there, the config never reaches the last
+  // round.
+  const good = cfg(64, 32, 8, 2), rival = cfg(64, 32, 8, 4);
+  const times = new Map([
+    ["64/32/8/2", [189, 266]],
+    ["64/32/8/2/t4", [189, 223]],
+    ["64/32/8/4", [206, 241]],
+    ["64/32/8/3", [211, 248]],
+    ["24/32/8/2", [202, 234]],
+  ]);
+  const measure: MeasureFn = (c, run) => {
+    const us = times.get(configKey(c))![drawFor(run, 2)];
+    return Array.from({ length: run.iterations }, () => us);
+  };
+  const rounds = [
+    { keep: Infinity, warmup: 0, iterations: 3, repeats: 1 },
+    { keep: 2, warmup: 0, iterations: 5, repeats: 2 },
+    { keep: 1, warmup: 0, iterations: 5, repeats: 4 },
+  ];
+  const space = [good, rival, cfg(64, 32, 8, 3), cfg(24, 32, 8, 2)];
+  const variants = (c: KernelConfig) => sameConfig(c, good) ? [{ ...c, tailSplit: 4 }] : [];
+  const out = searchConfigs(space, measure, { rounds, variants });
+  assert.equal(configKey(out.ranked[0].config), "64/32/8/2/t4");
+  assert.equal(out.ranked[0].us, (189 + 223) / 2);
 });
 
 Deno.test("searchConfigs: each series says its round and repeat (the tuner's routing draws)", () => {
@@ -704,12 +733,18 @@ Deno.test("shipped tables: valid, every seed batch size, matching results files"
   }
 });
 
-Deno.test("drawFor: the first rounds take turns over the balancedness values, the last round's series over the draws", () => {
-  const seq = (values: number) =>
-    [0, 1, 2].map((round) => drawFor({ round, series: 0 }, 3, values, 4)).concat(
-      [0, 1, 2, 3, 4].map((series) => drawFor({ round: 3, series }, 3, values, 4)),
+Deno.test("drawFor: the first round on draw 0, series r of every later round on draw r", () => {
+  const seq = (draws: number) =>
+    [0, 1, 2].map((series) => drawFor({ round: 0, series }, draws)).concat(
+      [0, 1, 2, 3, 4].flatMap((series) => [1, 2].map((round) => drawFor({ round, series }, draws))),
     );
-  assert.deepEqual(seq(1), [0, 0, 0, 0, 1, 2, 3, 0]);
-  assert.deepEqual(seq(2), [0, 1, 0, 0, 1, 2, 3, 0]); // draws 0, 2 at value 0; 1, 3 at value 1
-  assert.deepEqual(seq(3), [0, 1, 2, 0, 1, 2, 3, 0]);
+  assert.deepEqual(seq(1), [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+  assert.deepEqual(seq(2), [0, 0, 0, 0, 0, 1, 1, 0, 0, 1, 1, 0, 0]);
+  assert.deepEqual(seq(4), [0, 0, 0, 0, 0, 1, 1, 2, 2, 3, 3, 0, 0]);
+});
+
+Deno.test("defaultRounds: the middle round has one series per routing draw", () => {
+  assert.equal(defaultRounds(40)[1].repeats, 1);
+  assert.equal(defaultRounds(40, 2)[1].repeats, 2);
+  assert.equal(defaultRounds(40, 2)[2].repeats, 4);
 });

@@ -328,6 +328,39 @@ export function configKey(c: KernelConfig): string {
     ((c.tailSplit ?? 1) > 1 ? `/t${c.tailSplit}` : "");
 }
 
+const CONFIG_KEY = /^(\d+)\/(\d+)\/(\d+)\/(\d+)(?:x(\d+))?(\/all)?(?:\/n(\d+))?(?:\/t(\d+))?$/;
+
+/**
+ * The config a {@link configKey} names (`64/32/8/2/t4` -> blockM 64, ..., tailSplit 4); fields at
+ * their default are left out, as configKey leaves them out. Whether the library runs it is not
+ * checked here.
+ *
+ * @throws {RangeError} for text that is not a key
+ */
+export function parseConfigKey(key: string): KernelConfig {
+  const m = CONFIG_KEY.exec(key.trim());
+  if (m === null) {
+    throw new RangeError(
+      `"${key}" is not a config key: block_m/block_n/warp_n/stages[xSPLIT][/all][/nN][/tN], ` +
+        `e.g. 64/32/8/2/t4`,
+    );
+  }
+  const [blockM, blockN, warpN, stages] = m.slice(1, 5).map(Number);
+  const split = m[5] ? Number(m[5]) : 1;
+  const splitN = m[7] ? Number(m[7]) : 1;
+  const tailSplit = m[8] ? Number(m[8]) : 1;
+  return {
+    blockM,
+    blockN,
+    warpN,
+    stages,
+    ...(split > 1 ? { split } : {}),
+    ...(m[6] ? { allSlices: true } : {}),
+    ...(splitN > 1 ? { splitN } : {}),
+    ...(tailSplit > 1 ? { tailSplit } : {}),
+  };
+}
+
 /** Same eight fields (an absent split, splitN or tailSplit is 1, an absent allSlices false). */
 export function sameConfig(a: KernelConfig, b: KernelConfig): boolean {
   return a.blockM === b.blockM && a.blockN === b.blockN && a.warpN === b.warpN &&

@@ -115,6 +115,18 @@ Deno.test("bench scripts: bad options exit 2 naming the option, before the GPU p
     ["layer.ts", ["--path", "fast"], /^bench:layer: --path must be one of .*"fast"/m],
     ["kernel.ts", ["--nope"], /^bench:kernel: .*--nope/m],
     ["targets.ts", ["--m"], /^bench:targets: .*--m/m],
+    ["launch.ts", ["--shape", "dx", "--m", "8"], /^bench:launch: --shape must be one of .*"dx"/m],
+    ["launch.ts", ["--shape", "ds"], /^bench:launch: --m .*""/m],
+    [
+      "launch.ts",
+      ["--shape", "ds", "--m", "8", "--config", "64/32/x"],
+      /^bench:launch: --config: "64\/32\/x" is not a config key/m,
+    ],
+    [
+      "launch.ts",
+      ["--shape", "ds", "--m", "8", "--balancedness", "1,0.6"],
+      /^bench:launch: --balancedness takes one value/m,
+    ],
   ];
   await Promise.all(cases.map(async ([script, args, expected]) => {
     const { code, stdout, stderr } = await bench(script, args);
@@ -126,7 +138,7 @@ Deno.test("bench scripts: bad options exit 2 naming the option, before the GPU p
 });
 
 Deno.test("bench scripts: --help exits 0 even with bad options", async () => {
-  for (const script of ["kernel.ts", "targets.ts", "layer.ts"]) {
+  for (const script of ["kernel.ts", "targets.ts", "layer.ts", "launch.ts"]) {
     const { code, stdout, stderr } = await bench(script, ["--help", "--m", "x"]);
     assert.equal(code, 0, `${script}: ${stderr}`);
     assert.match(stdout, /^Usage: deno task bench:/, script);

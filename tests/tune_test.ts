@@ -35,6 +35,7 @@ import {
   MODEL_SHAPES,
   orderByHint,
   parseBatchSizes,
+  parseConfigKey,
   partialPathFor,
   predictSeconds,
   readResultsFile,
@@ -730,6 +731,48 @@ Deno.test("shipped tables: valid, every seed batch size, matching results files"
     for (const r of resultsList(meta)) {
       assert.ok(sameConfig(table.get(r.M)!, r.best.config), `${name} M=${r.M}`);
     }
+  }
+});
+
+Deno.test("parseConfigKey: the inverse of configKey; anything else is a RangeError", () => {
+  for (
+    const key of [
+      "16/32/8/4",
+      "8/64/4/3x8",
+      "80/32/8/3/all",
+      "80/32/8/4/n2",
+      "32/32/8/5/t4",
+      "8/32/8/2x8/t2",
+    ]
+  ) {
+    assert.equal(configKey(parseConfigKey(key)), key);
+  }
+  assert.deepEqual(parseConfigKey(" 64/32/8/2/t4 "), {
+    blockM: 64,
+    blockN: 32,
+    warpN: 8,
+    stages: 2,
+    tailSplit: 4,
+  });
+  // Fields at their default are absent, as in the tables.
+  assert.deepEqual(parseConfigKey("16/32/8/4x1/n1/t1"), {
+    blockM: 16,
+    blockN: 32,
+    warpN: 8,
+    stages: 4,
+  });
+  for (
+    const bad of [
+      "",
+      "16/32/8",
+      "16/32/8/4/",
+      "16/32/8/4/t",
+      "a/32/8/4",
+      "16/32/8/4/all/x2",
+      "16/32/8/-4",
+    ]
+  ) {
+    assert.throws(() => parseConfigKey(bad), RangeError, bad);
   }
 });
 

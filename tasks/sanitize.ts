@@ -4,9 +4,9 @@
  * compute-sanitizer (memcheck, then racecheck), with the -lineinfo build. block_m 8 leaves the
  * routing's last block part-filled, which the kernel must not read past; K = 384 leaves the last
  * down tile half past K (zero-filled from row-major weights, padding in stored tiles). One more
- * run at block_m 80 per N of 256 and 768 covers the warpgroups on separate token halves, over one
- * N slice and over three in one CTA, each also as N halves (split_n 2: pairs of CTAs that swap
- * their amax and FP8 halves through distributed shared memory), as is block_m 8 with (32, 8).
+ * run at block_m 80 per N of 256 and 768 covers the warpgroups on separate token halves, one CTA
+ * per slice and as N halves (split_n 2: pairs of CTAs that swap their amax and FP8 halves through
+ * distributed shared memory), as is block_m 8 with (32, 8).
  * A last problem has more units than SMs, and runs its last wave's units as tail units.
  * `--child` is the part that runs under the sanitizer.
  *

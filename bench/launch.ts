@@ -13,7 +13,7 @@
  * @module
  */
 import { parseArgs } from "node:util";
-import { pickConfig } from "../src/config.ts";
+import { configProblem, pickConfig } from "../src/config.ts";
 import { deviceInfo, synchronize } from "../src/device.ts";
 import { DeviceMoeProblem } from "../src/problem.ts";
 import { configKey, MODEL_SHAPES, parseConfigKey } from "../src/tune.ts";
@@ -52,6 +52,8 @@ function main(): number {
       if (!(err instanceof RangeError)) throw err;
       throw new UsageError(`--config: ${err.message}`);
     }
+    const problem = config && configProblem(config);
+    if (problem) throw new UsageError(`--config: "${values.config}": ${problem}`);
     return {
       shape: MODEL_SHAPES[oneOf("--shape", values.shape, Object.keys(MODEL_SHAPES))],
       M: positiveInt("--m", values.m),

@@ -119,6 +119,11 @@ Deno.test("bench scripts: bad options exit 2 naming the option, before the GPU p
     ["launch.ts", ["--shape", "ds"], /^bench:launch: --m .*""/m],
     [
       "launch.ts",
+      ["--shape", "ds", "--m", "8", "--config", "12/32/8/2"],
+      /^bench:launch: --config: "12\/32\/8\/2": block_m/m,
+    ],
+    [
+      "launch.ts",
       ["--shape", "ds", "--m", "8", "--config", "64/32/x"],
       /^bench:launch: --config: "64\/32\/x" is not a config key/m,
     ],

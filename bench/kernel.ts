@@ -45,7 +45,8 @@ const HELP = `Usage: deno task bench:kernel [options]
   --block-m LIST      block_m values of the grid (default 8,16,32,64,128)
   --stages LIST       stages of the grid (default 2,3,4)
   --split LIST        splits of the grid (default 1,2,4,8,16; only those within two waves);
-                      block_m 72 and 80 with (32, 8) are also timed with all_slices where N > 256
+                      (32, 8) configs of split 1 (block_m up to 64, 72, 80) are also timed with
+                      all_slices where N > 256
   --split-n           also time each (32, 8) config of split 1 with split_n 2
   --tail-split LIST   also time each config of split 1 with these tail splits (e.g. 2,4,8;
                       blocks of 72 and 80 take 2 only), where the launch has more units than SMs

@@ -41,6 +41,13 @@ const FusedMoeVariant* find_variant(int tokens, int wgs, bool split_n) {
   return nullptr;
 }
 
+const FusedMoeVariant* find_all_slices_variant(int tokens) {
+  for (int i = 0; i < kVariantsAllSlicesCount; ++i) {
+    if (kVariantsAllSlices[i].tokens == tokens) return &kVariantsAllSlices[i];
+  }
+  return nullptr;
+}
+
 // Token halves: blocks of 72 or 80 tokens on two consumer warpgroups (bench/NOTES.md, item 45).
 bool token_halves(const Config& c) {
   return consumer_wgs_for(c.block_n, c.warp_n) == 2 && c.block_m > 64 &&
@@ -87,16 +94,25 @@ int resolve_config(const Config& c, int N, int device, const FusedMoeVariant** v
   int optin = 0;
   AMOE_TRY(device_attribute<cudaDevAttrMaxSharedMemoryPerBlockOptin>(device, &optin));
   const bool halves = c.split == 1 && token_halves(c);
-  // One CTA per token block for every N slice (bench/NOTES.md, item 47); with one slice it is
-  // the one-slice kernel.
+  // One CTA per token block for every N slice (bench/NOTES.md, items 47 and 111): on token halves
+  // (blocks of 72 or 80), or on one sub-tile of up to 64 tokens that both warpgroups share (the
+  // amax buffers alternate per slice, so a block is one sub-tile). With one slice it is the
+  // one-slice kernel.
   if (c.all_slices) {
-    if (!halves) {
+    const int tokens = round_up(c.block_m, 8);
+    if (halves) {
+      *variant = slices > 1 ? &kVariantHalvesAllSlices : &kVariantHalves;
+    } else if (wgs == 2 && c.split == 1 && tokens <= max_tokens(2)) {
+      *variant = slices > 1 ? find_all_slices_variant(tokens) : find_variant(tokens, 2, false);
+    } else {
       return fail(AMOE_ERR_UNSUPPORTED,
-                  "all_slices needs block_m 72 or 80 with (block_n, warp_n) = (32, 8) and split "
-                  "1, got block_m %d, (%d, %d), split %d",
+                  "all_slices needs (block_n, warp_n) = (32, 8), split 1 and block_m at most 64 "
+                  "or 72-80, got block_m %d, (%d, %d), split %d",
                   c.block_m, c.block_n, c.warp_n, c.split);
     }
-    *variant = slices > 1 ? &kVariantHalvesAllSlices : &kVariantHalves;
+    if (*variant == nullptr) {
+      return fail(AMOE_ERR_UNSUPPORTED, "no compiled all-slices variant for %d tokens", tokens);
+    }
     *smem = (*variant)->smem_bytes(c.stages, c.block_m, c.split, slices);
     if (*smem <= optin) return AMOE_OK;
     return fail(AMOE_ERR_UNSUPPORTED,

@@ -14,4 +14,18 @@ const int kVariantsWg2Count = sizeof(kVariantsWg2) / sizeof(kVariantsWg2[0]);
 // at 48 (88 bytes of spills; 96-token blocks gained 0-4 % more at M = 8192 only).
 const FusedMoeVariant kVariantHalves = AMOE_FUSED_MOE_HALVES_VARIANT(40, 2, false);
 const FusedMoeVariant kVariantHalvesAllSlices = AMOE_FUSED_MOE_HALVES_VARIANT(40, 2, true);
+// One CTA for every N slice of a block of up to 64 tokens (one sub-tile, the warpgroups sharing
+// its tokens): each slot's output row is added once, not once per slice (bench/NOTES.md, item
+// 111).
+const FusedMoeVariant kVariantsAllSlices[] = {
+    AMOE_FUSED_MOE_VARIANT_OF(8, 8, 2, false, true, false),
+    AMOE_FUSED_MOE_VARIANT_OF(16, 16, 2, false, true, false),
+    AMOE_FUSED_MOE_VARIANT_OF(24, 24, 2, false, true, false),
+    AMOE_FUSED_MOE_VARIANT_OF(32, 32, 2, false, true, false),
+    AMOE_FUSED_MOE_VARIANT_OF(40, 40, 2, false, true, false),
+    AMOE_FUSED_MOE_VARIANT_OF(48, 48, 2, false, true, false),
+    AMOE_FUSED_MOE_VARIANT_OF(56, 56, 2, false, true, false),
+    AMOE_FUSED_MOE_VARIANT_OF(64, 64, 2, false, true, false),
+};
+const int kVariantsAllSlicesCount = sizeof(kVariantsAllSlices) / sizeof(kVariantsAllSlices[0]);
 }  // namespace amoe

@@ -32,8 +32,8 @@ export interface KernelConfig {
   split?: number;
   /**
    * One CTA per token block covers every 256-row N slice of the layer and adds each output row
-   * once (where N > 256; otherwise the same as false). Only with `blockM` 72 or 80,
-   * (`blockN`, `warpN`) = (32, 8) and `split` 1. Absent: false, one CTA per slice.
+   * once (where N > 256; otherwise the same as false). Only with (`blockN`, `warpN`) = (32, 8),
+   * `split` 1 and `blockM` at most 64 or 72-80. Absent: false, one CTA per slice.
    */
   allSlices?: boolean;
   /**
@@ -163,8 +163,8 @@ function findProblem(c: KernelConfig): Problem | undefined {
   if (c.allSlices && !allSlicesAllowed(c)) {
     return {
       field: "all_slices",
-      message: `all_slices needs block_m 72 or 80, (block_n, warp_n) = (32, 8) and split 1, ` +
-        `got block_m ${c.blockM}, (${c.blockN}, ${c.warpN}), split ${split}`,
+      message: `all_slices needs (block_n, warp_n) = (32, 8), split 1 and block_m at most 64 ` +
+        `or 72-80, got block_m ${c.blockM}, (${c.blockN}, ${c.warpN}), split ${split}`,
     };
   }
   return undefined;
@@ -172,8 +172,8 @@ function findProblem(c: KernelConfig): Problem | undefined {
 
 /** Whether a config's block shape can take `allSlices` (see {@link KernelConfig.allSlices}). */
 export function allSlicesAllowed(c: KernelConfig): boolean {
-  return (c.blockM === 72 || c.blockM === 80) && c.blockN === 32 && c.warpN === 8 &&
-    (c.split ?? 1) === 1;
+  return (c.blockM <= 64 || c.blockM === 72 || c.blockM === 80) && c.blockN === 32 &&
+    c.warpN === 8 && (c.split ?? 1) === 1;
 }
 
 /** Whether a config can take `tailSplit` n > 1 (see {@link KernelConfig.tailSplit}). */

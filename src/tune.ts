@@ -1440,7 +1440,7 @@ export async function tuneConfigs(
           VALID_BLOCK_N_WARP_N.map(([a, b]) => `(${a}, ${b})`).join(", ")
         } x stages ${TUNE_STAGES[0]}..${TUNE_STAGES[TUNE_STAGES.length - 1]} x split ${
           TUNE_SPLITS.join("/")
-        }, plus all_slices for block_m 72/80 (32, 8) split 1 where N > 256 and split_n 2 for ` +
+        }, plus all_slices for block_m <= 64 or 72/80 (32, 8) split 1 where N > 256 and split_n 2 for ` +
         `(32, 8) split 1, less what ` +
         `checkKernelConfig refuses`,
       pruning: "block_m <= max(16, 2 x the busiest expert's slots rounded up to 8); " +

@@ -6,7 +6,8 @@
  * down tile half past K (zero-filled from row-major weights, padding in stored tiles). One more
  * run at block_m 80 per N of 256 and 768 covers the warpgroups on separate token halves, one CTA
  * per slice and as N halves (split_n 2: pairs of CTAs that swap their amax and FP8 halves through
- * distributed shared memory), as is block_m 8 with (32, 8).
+ * distributed shared memory), as is block_m 8 with (32, 8); then all_slices at block_m 80 and 24
+ * (one CTA over every slice, on token halves and on one shared sub-tile).
  * A last problem has more units than SMs, and runs its last wave's units as tail units.
  * `--child` is the part that runs under the sanitizer.
  *
@@ -66,6 +67,15 @@ function child(): void {
         dev,
         ref,
         { blockM: 80, blockN: 32, warpN: 8, stages: 2, split: 1, splitN },
+        `tiles, N ${N}`,
+      );
+    }
+    // One CTA over every slice: on token halves, and on one shared sub-tile of 24 tokens.
+    for (const blockM of [80, 24]) {
+      check(
+        dev,
+        ref,
+        { blockM, blockN: 32, warpN: 8, stages: 2, split: 1, allSlices: true },
         `tiles, N ${N}`,
       );
     }

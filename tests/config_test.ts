@@ -367,10 +367,10 @@ Deno.test("parse: all_slices is optional (absent = false), a boolean, only for 7
     "1",
     "all_slices",
   );
-  for (const bad of [{ block_m: 64 }, { block_n: 64, warp_n: 4 }, { split: 2 }]) {
+  for (const bad of [{ block_m: 96 }, { block_n: 64, warp_n: 4 }, { split: 2 }]) {
     assertConfigError(
       () => parseConfigTable({ "1": { ...all, ...bad } }),
-      /key "1": all_slices needs block_m 72 or 80/,
+      /key "1": all_slices needs \(block_n, warp_n\) = \(32, 8\), split 1 and block_m at most 64/,
       "1",
       "all_slices",
     );

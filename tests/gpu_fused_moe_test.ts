@@ -217,16 +217,19 @@ function largeBlocks(N: number, seed: number): MoeProblem {
 }
 
 gpuTest("all_slices: one CTA per token block over one, two and three N slices", () => {
-  // Blocks of 72 and 80, with and without all_slices: with N > 256 one CTA covers every slice
-  // of its token block and adds each output row once; N = 256 is the one-slice kernel either way.
+  // Blocks of 16-80, with and without all_slices: with N > 256 one CTA covers every slice of its
+  // token block and adds each output row once (72 and 80 on token halves, up to 64 on one shared
+  // sub-tile); N = 256 is the one-slice kernel either way.
   let worst = 0;
+  let configs = 0;
   for (const N of [256, 512, 768]) {
     const p = largeBlocks(N, 6);
     using dev = new DeviceMoeProblem(p);
     const ref = references(dev, p, 8).requant;
-    for (const blockM of [72, 80]) {
+    for (const blockM of [16, 48, 64, 72, 80]) {
       for (const stages of [1, 3]) {
         for (const allSlices of [false, true]) {
+          configs++;
           dev.run({ ...cfg(blockM, 32, 8, stages), allSlices });
           worst = Math.max(
             worst,
@@ -241,16 +244,19 @@ gpuTest("all_slices: one CTA per token block over one, two and three N slices", 
     }
   }
   console.log(
-    `24 configs of token halves, all_slices on and off, worst relative L2 ${
+    `${configs} configs of blocks 16-80, all_slices on and off, worst relative L2 ${
       worst.toExponential(3)
     }`,
   );
   // The library refuses all_slices where the block shape cannot take it.
-  assert.throws(
-    () => checkKernelConfig(7168, 512, { ...cfg(64, 32, 8, 3), allSlices: true }),
-    (e: unknown) =>
-      e instanceof UnsupportedError && /all_slices needs block_m 72 or 80/.test(e.message),
-  );
+  for (const bad of [cfg(96, 32, 8, 3), cfg(64, 64, 4, 3), { ...cfg(16, 32, 8, 3), split: 2 }]) {
+    assert.throws(
+      () => checkKernelConfig(7168, 512, { ...bad, allSlices: true }),
+      (e: unknown) =>
+        e instanceof UnsupportedError &&
+        /all_slices needs \(block_n, warp_n\) = \(32, 8\)/.test(e.message),
+    );
+  }
   checkKernelConfig(4096, 768, { ...cfg(80, 32, 8, 3), allSlices: true });
 });
 

@@ -130,10 +130,10 @@ function seedSpace(): KernelConfig[] {
 
 Deno.test("search space and pruning", () => {
   const space = searchSpace();
-  // all_slices: block_m 72 and 80 with (32, 8), split 1, stages 1..5; split_n 2: every block_m
-  // with (32, 8), split 1, stages 1..5.
-  assert.equal(space.length, 16 * 2 * 5 * TUNE_SPLITS.length + 2 * 5 + 16 * 5);
-  assert.equal(space.filter((c) => c.allSlices).length, 10);
+  // all_slices: block_m 8..64 and 72, 80 with (32, 8), split 1, stages 1..5; split_n 2: every
+  // block_m with (32, 8), split 1, stages 1..5.
+  assert.equal(space.length, 16 * 2 * 5 * TUNE_SPLITS.length + 10 * 5 + 16 * 5);
+  assert.equal(space.filter((c) => c.allSlices).length, 50);
   assert.ok(space.filter((c) => c.allSlices).every(allSlicesAllowed));
   const halvesN = space.filter((c) => c.splitN === 2);
   assert.equal(halvesN.length, 80);

@@ -151,6 +151,9 @@ extern const int kVariantsWg2Count;
 // the second for N > 256, one CTA per token block for all slices.
 extern const FusedMoeVariant kVariantHalves;
 extern const FusedMoeVariant kVariantHalvesAllSlices;
+// Two consumer warpgroups sharing one sub-tile of up to 64 tokens, one CTA for every N slice.
+extern const FusedMoeVariant kVariantsAllSlices[];
+extern const int kVariantsAllSlicesCount;
 // N halves (split_n 2), two consumer warpgroups: per sub-tile size, and on token halves.
 extern const FusedMoeVariant kVariantsSplitN[];
 extern const int kVariantsSplitNCount;

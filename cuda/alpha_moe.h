@@ -91,8 +91,9 @@ AMOE_API int amoe_graph_destroy(void* graph_exec);
  * unit: the up projection's K and the down projection's output rows are divided among them
  * (1 = one CTA per unit, the seed's kernel).
  * `all_slices` (0 or 1): one CTA per token block covers every 256-row N slice and adds each
- * output row once, where 0 gives each slice its own CTA; for (block_n, warp_n) = (32, 8),
- * split 1 and block_m at most 64 (one sub-tile) or 72-80 (token halves) only.
+ * output row once, where 0 gives each slice its own CTA (the blocks past the launch's last full
+ * wave still get one CTA per slice); for (block_n, warp_n) = (32, 8), split 1 and block_m at
+ * most 64 (one sub-tile) or 72-80 (token halves) only.
  * `split_n` (1 or 2): with 2, a cluster of two CTAs shares each unit by N instead, each
  * multiplying 128 of the slice's 256 gate/up rows (64 whole pairs) and taking half of the down
  * projection's output rows; for (block_n, warp_n) = (32, 8), split 1 and all_slices 0 only.

@@ -429,7 +429,17 @@ int amoe_fused_moe_w8a8_up_down(const void* x, const float* x_scale, const void*
   const int64_t slots = int64_t(M) * top_k;
   const int64_t blocks = std::min<int64_t>((int64_t(sorted_len) + block_m - 1) / block_m,
                                            slots / block_m + std::min<int64_t>(num_experts, slots));
-  const int64_t ctas = blocks * (variant->all_slices ? 1 : N / kSliceRows) * c.cluster();
+  const int slices = N / kSliceRows;
+  int64_t ctas = blocks * (variant->all_slices ? 1 : slices) * c.cluster();
+  if (variant->all_slices && slices > 1) {
+    // The blocks past the last full wave run one CTA per slice (kernel.cuh): at most
+    // wave / slices of them, each `slices - 1` CTAs more than as one all-slices unit.
+    int wave = 0;
+    AMOE_TRY(resident_clusters(device, variant, smem, 1, &wave));
+    AMOE_REQUIRE(wave > 0, "the device runs no CTA of this config");
+    l.params.tail_wave = wave;
+    if (blocks > wave) ctas += int64_t(wave / slices) * (slices - 1);
+  }
   AMOE_REQUIRE(ctas <= INT32_MAX, "too many token blocks x N slices x split for one launch");
   l.grid = dim3(unsigned(ctas), 1, 1);
   l.stream = static_cast<cudaStream_t>(stream);

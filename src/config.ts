@@ -32,8 +32,9 @@ export interface KernelConfig {
   split?: number;
   /**
    * One CTA per token block covers every 256-row N slice of the layer and adds each output row
-   * once (where N > 256; otherwise the same as false). Only with (`blockN`, `warpN`) = (32, 8),
-   * `split` 1 and `blockM` at most 64 or 72-80. Absent: false, one CTA per slice.
+   * once (where N > 256; otherwise the same as false); the blocks past the launch's last full
+   * wave run one CTA per slice. Only with (`blockN`, `warpN`) = (32, 8), `split` 1 and `blockM` at
+   * most 64 or 72-80. Absent: false, one CTA per slice.
    */
   allSlices?: boolean;
   /**

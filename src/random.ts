@@ -409,9 +409,11 @@ export function makeRandomMoeProblem(opts: RandomMoeOptions): MoeProblem {
 
 /**
  * A problem like `opts` whose launch at `blockM` has more units of work (token blocks x 256-row
- * N slices) than the `smCount` CTAs of one wave, and leaves past its last full wave a tail that
- * a launch of clusters of `cluster` CTAs takes at once (the kernel's `tail_units`): token
- * counts are tried from `opts.M` up, on the same weights. For the tests of tail units.
+ * N slices, or token blocks alone with `unitsPerBlock` 1) than the `smCount` CTAs of one wave,
+ * and leaves past its last full wave a tail that a launch of clusters of `cluster` CTAs takes
+ * at once (the kernel's `tail_units`): token counts are tried from `opts.M` up, on the same
+ * weights. For the tests of tail units and of an all-slices launch's slice units (`cluster` =
+ * the N slices, `unitsPerBlock` 1).
  *
  * @throws {RangeError} if no token count up to twice `opts.M` leaves such a tail
  */
@@ -420,13 +422,14 @@ export function makeProblemWithTail(
   blockM: number,
   cluster: number,
   smCount: number,
+  unitsPerBlock: number = opts.N / 256,
 ): MoeProblem {
   const first = makeRandomMoeProblem(opts);
   const room = Math.floor(smCount / cluster);
   for (let M = opts.M, p = first; M < 2 * opts.M; M += 8) {
     if (M > opts.M) p = makeRandomMoeProblem({ ...opts, M, weights: first });
     const aligned = moeAlignBlockSize(p.topkIds, opts.numExperts, blockM);
-    const units = aligned.numTokensPostPadded / blockM * (opts.N / 256);
+    const units = aligned.numTokensPostPadded / blockM * unitsPerBlock;
     if (units > smCount && units % smCount >= 1 && units % smCount <= room) return p;
   }
   throw new RangeError(`no token count from ${opts.M} leaves a tail at block_m ${blockM}`);

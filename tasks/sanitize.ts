@@ -8,7 +8,8 @@
  * per slice and as N halves (split_n 2: pairs of CTAs that swap their amax and FP8 halves through
  * distributed shared memory), as is block_m 8 with (32, 8); then all_slices at block_m 80 and 24
  * (one CTA over every slice, on token halves and on one shared sub-tile).
- * A last problem has more units than SMs, and runs its last wave's units as tail units.
+ * A problem with more units than SMs runs its last wave's units as tail units, and one with more
+ * token blocks than SMs runs its last wave's blocks one CTA per slice in an all-slices launch.
  * `--child` is the part that runs under the sanitizer.
  *
  * @module
@@ -92,6 +93,17 @@ function child(): void {
     { blockM: 8, blockN: 32, warpN: 8, stages: 2, split: 1, tailSplit: 4 },
     `tiles, M ${tail.M}`,
   );
+  // An all-slices launch of more blocks than one wave: it runs its last partial wave's blocks
+  // one CTA per slice, after the whole blocks.
+  const wideOpts = { M: 600, K: 256, N: 768, numExperts: 16, topK: 4, blockM: 8, seed: 14 };
+  const wide = makeProblemWithTail(wideOpts, 16, 3, smCount, 1);
+  using wideDev = new DeviceMoeProblem(wide);
+  check(
+    wideDev,
+    reference(wideDev, wide),
+    { blockM: 16, blockN: 32, warpN: 8, stages: 4, split: 1, allSlices: true },
+    `tiles, M ${wide.M}, N 768`,
+  );
 }
 
 function reference(dev: DeviceMoeProblem, p: MoeProblem): Float32Array {
@@ -107,7 +119,8 @@ function check(
   dev.run(config);
   const err = relativeL2(dev.readOut(), ref);
   const what = `${weightLayout}, block_m ${config.blockM} (${config.blockN}, ${config.warpN}) ` +
-    `split ${config.split}` + ((config.splitN ?? 1) > 1 ? ` split_n ${config.splitN}` : "") +
+    `split ${config.split}` + (config.allSlices ? " all_slices" : "") +
+    ((config.splitN ?? 1) > 1 ? ` split_n ${config.splitN}` : "") +
     ((config.tailSplit ?? 1) > 1 ? ` tail_split ${config.tailSplit}` : "");
   console.log(`${what}: relative L2 ${err.toExponential(3)}`);
   if (!(err <= 1e-2)) throw new Error(`${what} is wrong under the sanitizer`);

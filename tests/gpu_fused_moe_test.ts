@@ -260,6 +260,35 @@ gpuTest("all_slices: one CTA per token block over one, two and three N slices", 
   checkKernelConfig(4096, 768, { ...cfg(80, 32, 8, 3), allSlices: true });
 });
 
+gpuTest("all_slices: the blocks past the last full wave run one CTA per slice", () => {
+  // Each problem has more token blocks than one wave of all-slices CTAs (one per SM at these
+  // sizes) and leaves a partial wave of at most SMs / slices blocks, which the kernel deals as
+  // one unit per slice after the whole blocks: a block run twice or never shows here.
+  const { smCount } = deviceInfo();
+  let worst = 0;
+  let runs = 0;
+  for (const N of [512, 768]) {
+    for (const [blockM, stages, M] of [[16, 4, 600], [64, 3, 2200], [80, 3, 2800]] as const) {
+      const p = makeProblemWithTail(
+        { M, K: 256, N, numExperts: 16, topK: 4, blockM: 8, seed: 41 },
+        blockM,
+        N / 256,
+        smCount,
+        1,
+      );
+      using dev = new DeviceMoeProblem(p);
+      const ref = references(dev, p, 8).requant;
+      dev.run({ ...cfg(blockM, 32, 8, stages), allSlices: true });
+      const what = `N ${N} M ${p.M} block_m ${blockM} stages ${stages} all_slices`;
+      worst = Math.max(worst, assertClose(dev.readOut(), ref, what));
+      runs++;
+    }
+  }
+  console.log(
+    `${runs} all-slices launches with slice units, worst relative L2 ${worst.toExponential(3)}`,
+  );
+});
+
 gpuTest("an output larger than the L2 (reductions evict-first) against the reference", () => {
   // Past the L2's size the output's reductions change their cache policy (bench/NOTES.md, item
   // 97): ~1.25 x the L2 of output rows, through the one-launch, token-halves, split and tail paths.

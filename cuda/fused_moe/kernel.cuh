@@ -30,9 +30,11 @@
 // Warp roles. Warpgroup 0 is the producer: its four warps stream every operand (weight tiles
 // by TMA, token rows and scales by cp.async) into a ring of `stages` shared-memory buffers.
 // Warpgroups 1..WGS are consumers; each owns 256/WGS of the 256 weight rows of every stage.
-// All-slices units (kAllSlices, with token halves; the `all_slices` config field): one CTA per
-// token block covers every N slice in turn (up tiles of slice 0, 1, ..., then each down tile's
-// slice parts), sums the slices' down products in fp32 and adds each output row once.
+// All-slices units (kAllSlices, the `all_slices` config field): one CTA per token block covers
+// every N slice in turn (up tiles of slice 0, 1, ..., then each down tile's slice parts), sums
+// the slices' down products in fp32 and adds each output row once. Such a unit is `slices` times
+// as long as a one-slice unit, so the blocks past the launch's last full wave, which would run
+// alone, run one CTA per slice instead (slice units, dealt after the whole blocks).
 // Token halves (kHalves, blocks of 72-80 tokens): each consumer warpgroup owns all 256 rows
 // for its own T tokens of a 2T-token sub-tile instead, so a weight tile serves 2T tokens where
 // two sub-tiles of T would read it twice; the warpgroups then synchronise only with
@@ -123,7 +125,7 @@ struct FusedMoeParams {
   // Tail units (TailPart): the units past the main launch's last full wave run in a launch of
   // their own, after it, whose clusters share each unit; the main launch skips them.
   int32_t tail_part;
-  int32_t tail_wave;  // units the main launch runs at once
+  int32_t tail_wave;  // units the main launch (or an all-slices launch) runs at once
   int32_t tail_room;  // tail units (clusters) the tail launch runs at once
   int32_t out_streamed;  // `out` is larger than the L2: its reductions are evict-first
 };
@@ -888,6 +890,7 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
   const int unit_slices = kAllSlices ? 1 : slices;
   const int tid = threadIdx.x;
   int unit = blockIdx.x / p.split;
+  const int blocks = (p.sorted_len + p.block_m - 1) / p.block_m;
   // The tensor maps' descriptors are fetched before anything else, not on the first TMA.
   if (tid == 0) {
     ptx::prefetch_tensor_map(&weights.w);
@@ -920,12 +923,28 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
     }
     unit += units - tail;
   }
-  const int block = unit / unit_slices;
+  int block = unit / unit_slices;
+  int slice = kAllSlices ? 0 : unit % slices, unit_slice_count = kAllSlices ? slices : 1;
+  // An all-slices launch deals the blocks past its last full wave (tail_units, with room for
+  // a wave's worth of slice units) as one unit per slice after the whole blocks. A unit of the
+  // first wave is its block whatever the routing; later ones read the block count first.
+  if (kAllSlices && slices > 1 && p.tail_wave > 0 && unit >= p.tail_wave) {
+    const int used_blocks = (*p.num_tokens_post_padded + p.block_m - 1) / p.block_m;
+    const int whole = used_blocks - tail_units(used_blocks, p.tail_wave, p.tail_wave / slices);
+    if (unit >= whole) {
+      block = whole + (unit - whole) / slices;
+      slice = (unit - whole) % slices;
+      unit_slice_count = 1;
+    }
+  }
+  if (block >= blocks) {  // past the routing (an all-slices grid's room for slice units)
+    if (keeps_order) griddep::wait();
+    return;
+  }
   // The routing values are independent loads, issued together: one memory latency before the
   // first TMA, not three. The neighbours' experts say whether this block is its expert's only
   // one. sorted_len need not be a multiple of block_m: the last block's tail is not read. The
   // top-k weights are needed last; the consumers load them (consume).
-  const int blocks = (p.sorted_len + p.block_m - 1) / p.block_m;
   const int used = *p.num_tokens_post_padded;
   const int expert = p.expert_ids[block];
   const int expert_before = block > 0 ? p.expert_ids[block - 1] : -1;
@@ -984,10 +1003,10 @@ __global__ void __launch_bounds__((WGS + 1) * 128, 1)
       expert_before != expert && (expert_after != expert || first_slot + p.block_m >= used);
 
   const BlockInfo info{expert,
-                       kAllSlices ? 0 : unit % slices,
+                       slice,
                        kblocks,
                        (p.block_m + S - 1) / S,
-                       kAllSlices ? slices : 1,
+                       unit_slice_count,
                        k_lo,
                        k_hi,
                        dt_lo,

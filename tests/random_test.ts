@@ -3,6 +3,7 @@ import { decodeFp8, fp8e4m3Decode, fp8e4m3Encode } from "../src/codecs.ts";
 import { deinterleaveGateUp } from "../src/interleave.ts";
 import {
   fillRandomFp8,
+  makeProblemWithTail,
   makeRandomMoeProblem,
   randomLogUniform,
   randomNormal,
@@ -221,4 +222,36 @@ Deno.test("makeRandomMoeProblem at real size (E=257, N=256, K=7168: 700 MB of we
   assert.ok(out.subarray(0, 7168).every(Number.isFinite));
   assert.ok(out.subarray(0, 7168).some((v) => v !== 0));
   assert.ok(genMs < 60_000, "generation should take seconds, not minutes");
+});
+
+Deno.test("makeProblemWithTail: more units than a wave, and a tail the given room takes", () => {
+  // The problems of the GPU tests of tail units and of slice units, on a 132-SM card: units are
+  // token blocks x N slices, or token blocks alone (unitsPerBlock 1) for an all-slices launch
+  // whose room is a wave's worth of slice units.
+  const smCount = 132;
+  const cases = [
+    { N: 512, blockM: 32, cluster: 4, unitsPerBlock: undefined, M: 500 },
+    { N: 768, blockM: 64, cluster: 3, unitsPerBlock: 1, M: 2200 },
+    { N: 512, blockM: 16, cluster: 2, unitsPerBlock: 1, M: 600 },
+  ];
+  for (const { N, blockM, cluster, unitsPerBlock, M } of cases) {
+    const opts = { M, K: 256, N, numExperts: 16, topK: 4, blockM: 8, seed: 41 };
+    const p = makeProblemWithTail(opts, blockM, cluster, smCount, unitsPerBlock);
+    const blocks = moeAlignBlockSize(p.topkIds, 16, blockM).numTokensPostPadded / blockM;
+    const units = blocks * (unitsPerBlock ?? N / 256);
+    const what = `N ${N} block_m ${blockM} M ${p.M}: ${units} units`;
+    assert.ok(p.M >= M && p.M < 2 * M, what);
+    assert.ok(units > smCount, what);
+    assert.ok(units % smCount >= 1 && units % smCount <= Math.floor(smCount / cluster), what);
+  }
+  assert.throws(
+    () =>
+      makeProblemWithTail(
+        { M: 8, K: 256, N: 256, numExperts: 16, topK: 1, blockM: 8, seed: 1 },
+        8,
+        1,
+        132,
+      ),
+    RangeError,
+  );
 });

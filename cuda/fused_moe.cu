@@ -32,20 +32,17 @@ int consumer_wgs_for(int block_n, int warp_n) {
 // Largest sub-tile (tokens per wgmma) whose accumulators fit the consumer registers.
 int max_tokens(int wgs) { return wgs == 1 ? 32 : 64; }
 
-const FusedMoeVariant* find_variant(int tokens, int wgs, bool split_n) {
-  const FusedMoeVariant* table = split_n ? kVariantsSplitN : wgs == 1 ? kVariantsWg1 : kVariantsWg2;
-  const int count = split_n ? kVariantsSplitNCount : wgs == 1 ? kVariantsWg1Count : kVariantsWg2Count;
+const FusedMoeVariant* find_tokens(const FusedMoeVariant* table, int count, int tokens) {
   for (int i = 0; i < count; ++i) {
     if (table[i].tokens == tokens) return &table[i];
   }
   return nullptr;
 }
 
-const FusedMoeVariant* find_all_slices_variant(int tokens) {
-  for (int i = 0; i < kVariantsAllSlicesCount; ++i) {
-    if (kVariantsAllSlices[i].tokens == tokens) return &kVariantsAllSlices[i];
-  }
-  return nullptr;
+const FusedMoeVariant* find_variant(int tokens, int wgs, bool split_n) {
+  if (split_n) return find_tokens(kVariantsSplitN, kVariantsSplitNCount, tokens);
+  return wgs == 1 ? find_tokens(kVariantsWg1, kVariantsWg1Count, tokens)
+                  : find_tokens(kVariantsWg2, kVariantsWg2Count, tokens);
 }
 
 // Token halves: blocks of 72 or 80 tokens on two consumer warpgroups (bench/NOTES.md, item 45).
@@ -103,7 +100,7 @@ int resolve_config(const Config& c, int N, int device, const FusedMoeVariant** v
     if (halves) {
       *variant = slices > 1 ? &kVariantHalvesAllSlices : &kVariantHalves;
     } else if (wgs == 2 && c.split == 1 && tokens <= max_tokens(2)) {
-      *variant = slices > 1 ? find_all_slices_variant(tokens) : find_variant(tokens, 2, false);
+      *variant = slices > 1 ? find_tokens(kVariantsAllSlices, kVariantsAllSlicesCount, tokens) : find_variant(tokens, 2, false);
     } else {
       return fail(AMOE_ERR_UNSUPPORTED,
                   "all_slices needs (block_n, warp_n) = (32, 8), split 1 and block_m at most 64 "

@@ -4,16 +4,8 @@
 #include "fused_moe/launch.cuh"
 
 namespace amoe {
-const FusedMoeVariant kVariantsSplitN[] = {
-    AMOE_FUSED_MOE_VARIANT_OF(8, 8, 2, false, false, true),
-    AMOE_FUSED_MOE_VARIANT_OF(16, 16, 2, false, false, true),
-    AMOE_FUSED_MOE_VARIANT_OF(24, 24, 2, false, false, true),
-    AMOE_FUSED_MOE_VARIANT_OF(32, 32, 2, false, false, true),
-    AMOE_FUSED_MOE_VARIANT_OF(40, 40, 2, false, false, true),
-    AMOE_FUSED_MOE_VARIANT_OF(48, 48, 2, false, false, true),
-    AMOE_FUSED_MOE_VARIANT_OF(56, 56, 2, false, false, true),
-    AMOE_FUSED_MOE_VARIANT_OF(64, 64, 2, false, false, true),
-};
+#define AMOE_SPLIT_N(T) AMOE_FUSED_MOE_VARIANT_OF(T, T, 2, false, false, true),
+const FusedMoeVariant kVariantsSplitN[] = {AMOE_TWO_WG_SUB_TILES(AMOE_SPLIT_N)};
 const int kVariantsSplitNCount = sizeof(kVariantsSplitN) / sizeof(kVariantsSplitN[0]);
 const FusedMoeVariant kVariantHalvesSplitN = AMOE_FUSED_MOE_VARIANT_OF(80, 40, 2, true, false, true);
 }  // namespace amoe

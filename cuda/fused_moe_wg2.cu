@@ -3,11 +3,8 @@
 #include "fused_moe/launch.cuh"
 
 namespace amoe {
-const FusedMoeVariant kVariantsWg2[] = {
-    AMOE_FUSED_MOE_VARIANT(8, 2),  AMOE_FUSED_MOE_VARIANT(16, 2), AMOE_FUSED_MOE_VARIANT(24, 2),
-    AMOE_FUSED_MOE_VARIANT(32, 2), AMOE_FUSED_MOE_VARIANT(40, 2), AMOE_FUSED_MOE_VARIANT(48, 2),
-    AMOE_FUSED_MOE_VARIANT(56, 2), AMOE_FUSED_MOE_VARIANT(64, 2),
-};
+#define AMOE_WG2(T) AMOE_FUSED_MOE_VARIANT(T, 2),
+const FusedMoeVariant kVariantsWg2[] = {AMOE_TWO_WG_SUB_TILES(AMOE_WG2)};
 const int kVariantsWg2Count = sizeof(kVariantsWg2) / sizeof(kVariantsWg2[0]);
 // Each consumer warpgroup on its own 40 tokens of a sub-tile of 80 against all 256 rows: 4 m64
 // tiles of accumulators and two groups of partial sums in flight fit without spills at 40, not
@@ -17,15 +14,7 @@ const FusedMoeVariant kVariantHalvesAllSlices = AMOE_FUSED_MOE_HALVES_VARIANT(40
 // One CTA for every N slice of a block of up to 64 tokens (one sub-tile, the warpgroups sharing
 // its tokens): each slot's output row is added once, not once per slice (bench/NOTES.md, item
 // 111).
-const FusedMoeVariant kVariantsAllSlices[] = {
-    AMOE_FUSED_MOE_VARIANT_OF(8, 8, 2, false, true, false),
-    AMOE_FUSED_MOE_VARIANT_OF(16, 16, 2, false, true, false),
-    AMOE_FUSED_MOE_VARIANT_OF(24, 24, 2, false, true, false),
-    AMOE_FUSED_MOE_VARIANT_OF(32, 32, 2, false, true, false),
-    AMOE_FUSED_MOE_VARIANT_OF(40, 40, 2, false, true, false),
-    AMOE_FUSED_MOE_VARIANT_OF(48, 48, 2, false, true, false),
-    AMOE_FUSED_MOE_VARIANT_OF(56, 56, 2, false, true, false),
-    AMOE_FUSED_MOE_VARIANT_OF(64, 64, 2, false, true, false),
-};
+#define AMOE_ALL_SLICES(T) AMOE_FUSED_MOE_VARIANT_OF(T, T, 2, false, true, false),
+const FusedMoeVariant kVariantsAllSlices[] = {AMOE_TWO_WG_SUB_TILES(AMOE_ALL_SLICES)};
 const int kVariantsAllSlicesCount = sizeof(kVariantsAllSlices) / sizeof(kVariantsAllSlices[0]);
 }  // namespace amoe

@@ -139,6 +139,9 @@ int fused_moe_max_clusters(int device, int smem_bytes, int split, int* count) {
         fused_moe_max_clusters<T, WGS, HALVES, ALL, SPLIT_N>                         \
   }
 #define AMOE_FUSED_MOE_VARIANT(T, WGS) AMOE_FUSED_MOE_VARIANT_OF(T, T, WGS, false, false, false)
+// Every sub-tile size compiled for two consumer warpgroups (up to 64 tokens fit their
+// registers): X(T) for each, for the tables of fused_moe_wg2.cu and fused_moe_split_n.cu.
+#define AMOE_TWO_WG_SUB_TILES(X) X(8) X(16) X(24) X(32) X(40) X(48) X(56) X(64)
 #define AMOE_FUSED_MOE_HALVES_VARIANT(T, WGS, ALL) \
   AMOE_FUSED_MOE_VARIANT_OF((T) * (WGS), T, WGS, true, ALL, false)
 

@@ -100,7 +100,8 @@ int resolve_config(const Config& c, int N, int device, const FusedMoeVariant** v
     if (halves) {
       *variant = slices > 1 ? &kVariantHalvesAllSlices : &kVariantHalves;
     } else if (wgs == 2 && c.split == 1 && tokens <= max_tokens(2)) {
-      *variant = slices > 1 ? find_tokens(kVariantsAllSlices, kVariantsAllSlicesCount, tokens) : find_variant(tokens, 2, false);
+      *variant = slices > 1 ? find_tokens(kVariantsAllSlices, kVariantsAllSlicesCount, tokens)
+                            : find_variant(tokens, 2, false);
     } else {
       return fail(AMOE_ERR_UNSUPPORTED,
                   "all_slices needs (block_n, warp_n) = (32, 8), split 1 and block_m at most 64 "

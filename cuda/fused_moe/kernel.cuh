@@ -740,18 +740,36 @@ __device__ __forceinline__ void consume(const FusedMoeParams& p, const BlockInfo
     // Each staged token row (512 bytes) is added into out by one warp instruction: lane l adds
     // bf16 columns 8l .. 8l + 7 with a 16-byte vector reduction through the load/store path.
     // Bulk reductions went through the TMA unit, one request per row, next to the weight
-    // tiles; these were 3-9 % faster at M >= 512 (bench/NOTES.md, item 33).
+    // tiles; these were 3-9 % faster at M >= 512 (bench/NOTES.md, item 33). A warp's rows are
+    // loaded together before any is added: one row at a time paid two dependent shared-memory
+    // loads (its output row, its staged values) per reduction.
     auto add_rows = [&](int dt) {
       constexpr int kWarps = kSyncThreads / 32;
+      constexpr int kRowsPerWarp = (T + kWarps - 1) / kWarps;  // of the T tokens it adds
       const int k_first = dt * kSliceRows;
-      const int columns = min(kSliceRows, p.K - k_first);  // 128 when K % 256 == 128
+      const bool lane_live = lane * 8 < min(kSliceRows, p.K - k_first);  // 128 if K % 256 == 128
       const int t_end = kHalves ? min(tw + T, tcount) : tcount;
-      for (int t = tw + stid / 32; t < t_end; t += kWarps) {
-        const int row = b.tok_row[t0 + t];
-        if (row >= 0 && lane * 8 < columns) {
-          const uint4 v =
-              *reinterpret_cast<const uint4*>(staging + t * L::kStagingStride + lane * 16);
-          ptx::red_add_bf16x8(p.out + size_t(row) * p.K + k_first + lane * 8, v, out_policy);
+      constexpr int kChunk = 4;  // staged rows held in registers at once: more spilled
+      int row[kRowsPerWarp];
+#pragma unroll
+      for (int i = 0; i < kRowsPerWarp; ++i) {
+        const int t = tw + stid / 32 + i * kWarps;
+        row[i] = t < t_end && lane_live ? b.tok_row[t0 + t] : -1;
+      }
+#pragma unroll
+      for (int i0 = 0; i0 < kRowsPerWarp; i0 += kChunk) {
+        uint4 v[kChunk];
+#pragma unroll
+        for (int i = i0; i < min(i0 + kChunk, kRowsPerWarp); ++i) {
+          const uint8_t* staged = staging + (tw + stid / 32 + i * kWarps) * L::kStagingStride;
+          if (row[i] >= 0) v[i - i0] = *reinterpret_cast<const uint4*>(staged + lane * 16);
+        }
+#pragma unroll
+        for (int i = i0; i < min(i0 + kChunk, kRowsPerWarp); ++i) {
+          if (row[i] >= 0) {
+            ptx::red_add_bf16x8(p.out + size_t(row[i]) * p.K + k_first + lane * 8, v[i - i0],
+                                out_policy);
+          }
         }
       }
     };

@@ -8,6 +8,8 @@
 //   bulk xN the same in N pieces: 4 of 3584 bytes, 28 of 512 (the kernel's granularity: a
 //         token's 256 output columns of one down tile);
 //   store plain 16-byte stores (what the bytes cost without the read-modify-write).
+//   vec f32 the same row-adds in fp32 (red.global.add.v4.f32) into an fp32 output: twice the
+//         bytes (not yet run: item 128).
 // Question: is a bulk reduction's L2 cost per byte lower than a vector reduction's (2.4 read
 // bytes per byte, item 44)? If so, the epilogue could go back to bulk reductions now that the TMA
 // unit carries only weight tiles (item 33). Answer (item 59): no. Into 14 MB all reductions ran
@@ -42,6 +44,22 @@ __global__ void vec(__nv_bfloat16* out, int rows) {
   for (int i = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; i < ADDS; i += warps) {
     __nv_bfloat16* r = out + size_t(row_of(i, rows)) * K;
     for (int c = 0; c < K; c += 256) ptx::red_add_bf16x8(r + c + lane * 8, v, pol);
+  }
+}
+
+// The same row-adds in fp32, into an fp32 copy of the output: twice the bytes, but no bf16
+// read-modify-write in the L2 (bench/NOTES.md item 128: not measured yet). 16 bytes per lane,
+// a warp instruction per 128 columns.
+__global__ void vec_f32(float* out, int rows) {
+  const int lane = threadIdx.x % 32;
+  const int warps = gridDim.x * (blockDim.x / 32);
+  for (int i = blockIdx.x * (blockDim.x / 32) + threadIdx.x / 32; i < ADDS; i += warps) {
+    float* r = out + size_t(row_of(i, rows)) * K;
+    for (int c = 0; c < K; c += 128) {
+      asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};" ::"l"(r + c + lane * 4),
+                   "f"(1.0f), "f"(1.0f), "f"(1.0f), "f"(1.0f)
+                   : "memory");
+    }
   }
 }
 
@@ -98,6 +116,9 @@ int main(int argc, char** argv) {
   __nv_bfloat16* out;
   CK(cudaMalloc(&out, size_t(8192) * ROW_BYTES));
   CK(cudaMemset(out, 0, size_t(8192) * ROW_BYTES));
+  float* out_f32;
+  CK(cudaMalloc(&out_f32, size_t(8192) * K * 4));
+  CK(cudaMemset(out_f32, 0, size_t(8192) * K * 4));
   CK(cudaFuncSetAttribute(bulk, cudaFuncAttributeMaxDynamicSharedMemorySize, ROW_BYTES));
   cudaEvent_t a, b;
   CK(cudaEventCreate(&a));
@@ -147,6 +168,11 @@ int main(int argc, char** argv) {
       report("vec (kernel's)", rows, w, timeit([&] { vec<<<sms, 32 * w>>>(out, rows); }));
       CK(cudaGetLastError());
       report("store", rows, w, timeit([&] { store<<<sms, 32 * w>>>(out, rows); }));
+      CK(cudaGetLastError());
+      // The bf16 rate column of the f32 line is the same row-adds' rate, for comparison: its
+      // own bytes are twice as many.
+      report("vec f32 (same rows)", rows, w,
+             timeit([&] { vec_f32<<<sms, 32 * w>>>(out_f32, rows); }));
       CK(cudaGetLastError());
       for (int chunks : {1, 4, 28}) {
         for (int hint : {0, 1}) {

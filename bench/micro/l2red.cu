@@ -9,7 +9,7 @@
 //         token's 256 output columns of one down tile);
 //   store plain 16-byte stores (what the bytes cost without the read-modify-write).
 //   vec f32 the same row-adds in fp32 (red.global.add.v4.f32) into an fp32 output: twice the
-//         bytes (not yet run: item 128).
+//         bytes, and on an H200 twice the time (item 129: the L2's cost is per 16-byte op).
 // Question: is a bulk reduction's L2 cost per byte lower than a vector reduction's (2.4 read
 // bytes per byte, item 44)? If so, the epilogue could go back to bulk reductions now that the TMA
 // unit carries only weight tiles (item 33). Answer (item 59): no. Into 14 MB all reductions ran
@@ -48,8 +48,8 @@ __global__ void vec(__nv_bfloat16* out, int rows) {
 }
 
 // The same row-adds in fp32, into an fp32 copy of the output: twice the bytes, but no bf16
-// read-modify-write in the L2 (bench/NOTES.md item 128: not measured yet). 16 bytes per lane,
-// a warp instruction per 128 columns.
+// read-modify-write in the L2 (bench/NOTES.md item 129: 1.95-2x the bf16 time). 16 bytes per
+// lane, a warp instruction per 128 columns.
 __global__ void vec_f32(float* out, int rows) {
   const int lane = threadIdx.x % 32;
   const int warps = gridDim.x * (blockDim.x / 32);

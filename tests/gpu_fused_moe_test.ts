@@ -16,6 +16,13 @@ import { gpuTest } from "./_gpu.ts";
 
 /** The kernel keeps the intermediate in fp32 until it is quantised: 1 % is the bar. */
 const TOLERANCE = 1e-2;
+/**
+ * At the models' K, the FP8 accumulation's rounding flips some of the re-quantised
+ * intermediates against the requant reference, which re-quantises the exact sums. There the
+ * bar is the exact layer: the kernel's distance from it within 10 % of the requant reference's
+ * own (an independent error of ~1 % of the output would cross it).
+ */
+const EXCESS_OVER_REQUANT = 1.1;
 const PAIRS = [[64, 4], [32, 8]] as const;
 /** The shared golden vectors (too big for the fixtures); ALPHA_MOE_TESTDATA overrides. */
 const TESTDATA = Deno.env.get("ALPHA_MOE_TESTDATA")
@@ -520,6 +527,8 @@ for (const s of SHAPES) {
           using dev = new DeviceMoeProblem(p, { dropExperts: drop });
           const rows = M <= 8 ? [...Array(M).keys()] : [0, 1, 2, M >> 1, M - 2, M - 1];
           const ref = references(dev, p, blockM, rows);
+          const exact = pick(ref.fp32, s.K, rows);
+          const requantError = relativeL2(pick(ref.requant, s.K, rows), exact);
           const failures: string[] = [];
           const variants = PAIRS.flatMap(([bn, wn]) =>
             [1, 4, 16].map((split) => ({ bn, wn, split }))
@@ -529,12 +538,22 @@ for (const s of SHAPES) {
             const out = dev.readOut();
             const got = pick(out, s.K, rows);
             const what = `M=${M} skew=${skew} (${bn}, ${wn}) split ${split}`;
-            const err = relativeL2(got, pick(ref.requant, s.K, rows));
+            const err = relativeL2(got, exact);
             console.log(
-              `${what}: rel L2 ${err.toExponential(2)} (vs pure fp32 ` +
-                `${relativeL2(got, pick(ref.fp32, s.K, rows)).toExponential(2)})`,
+              `${what}: rel L2 vs exact ${err.toExponential(2)}, ${
+                (err / requantError).toFixed(3)
+              }x the requant reference's (vs requant ${
+                relativeL2(got, pick(ref.requant, s.K, rows)).toExponential(2)
+              })`,
             );
-            if (!(err <= TOLERANCE)) failures.push(`${what}: relative L2 ${err.toExponential(3)}`);
+            if (!(err <= EXCESS_OVER_REQUANT * requantError)) {
+              failures.push(
+                `${what}: relative L2 ${err.toExponential(3)} from the exact layer, over ` +
+                  `${EXCESS_OVER_REQUANT} x the requant reference's ${
+                    requantError.toExponential(3)
+                  }`,
+              );
+            }
             if (got.some(Number.isNaN)) failures.push(`${what}: NaN`);
             if (M > 1 && !out.subarray(0, s.K).every((v) => v === 0)) {
               failures.push(`${what}: row 0 (routed nowhere) is not zero`);

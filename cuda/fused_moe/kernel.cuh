@@ -99,13 +99,13 @@ constexpr int kKBlock = 128;                            // K bytes per stage = o
 constexpr int kWeightTileBytes = kSliceRows * kKBlock;  // 32 KiB
 constexpr int kProducerThreads = 128;  // warpgroup 0: every thread arrives on full[s]
 constexpr float kFp8Max = 448.0f;
-// The up projection promotes the FP8 partial sums to fp32 after every two wgmma k32 steps (K
-// 64). Hopper's FP8 accumulation keeps limited precision: promoting every 128 (DeepSeek's
-// interval) left rare large-element flips in the FP8 re-quantised intermediate, whole rows 2-3 %
-// off the reference. Every 32 cost twice the FFMAs, which the consumers' issue slots could not
-// spare: every 64 was 0.3-4 % faster at M = 128-2048 and up to 12 % at M = 8192
-// (bench/NOTES.md, item 36).
-constexpr int kUpPromoteSteps = 2;
+// The up projection promotes the FP8 partial sums to fp32 once per K block (four wgmma k32
+// steps), as DeepGEMM does. Hopper's FP8 accumulation keeps limited precision: over 128 of K it
+// changes which way more intermediates round when re-quantised to FP8, but the layer's distance
+// from the exact one stays within 1 % of what promoting every 64 gave. Half the promotions'
+// FFMAs, which take the consumers' issue slots from the wgmmas: 0.5-9 % faster at M >= 2048
+// (bench/NOTES.md, items 36 and 130).
+constexpr int kUpPromoteSteps = 4;
 
 struct FusedMoeParams {
   const int32_t* sorted_token_ids;

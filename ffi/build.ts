@@ -90,6 +90,23 @@ export function linkArgs(objects: readonly string[], output: string): string[] {
   return [...NVCC_LINK_FLAGS, ...objects, "-o", output];
 }
 
+/**
+ * The kernels whose wgmmas ptxas serialized, from its notes in nvcc's output ("wgmma.mma_async
+ * instructions are serialized", "warpgroup.wait is injected"): where it cannot prove that the
+ * accumulators an instruction touches are finished, it waits for every wgmma in flight. A change
+ * that let this happen unnoticed ran up to 26 % slower (bench/NOTES.md, item 132).
+ */
+export function serializedWgmmaKernels(output: string): string[] {
+  const kernels = new Set<string>();
+  for (const line of output.split("\n")) {
+    if (!/wgmma\.mma_async instructions are serialized|warpgroup\.wait is injected/.test(line)) {
+      continue;
+    }
+    kernels.add(/in (?:the )?function '([^']+)'/.exec(line)?.[1] ?? line.trim());
+  }
+  return [...kernels];
+}
+
 /** nvcc exited non-zero. `output` holds what it printed; the message names the file. */
 export class NvccError extends Error {
   /** The error\'s name. */

@@ -29,6 +29,7 @@ import {
   NvccError,
   type NvccVersion,
   parseNvccVersion,
+  serializedWgmmaKernels,
 } from "../ffi/build.ts";
 
 export {
@@ -190,6 +191,18 @@ async function runNvcc(
   }
   // Warnings (register spills above all, from --warn-on-spills) are worth seeing.
   if (!quiet && output) console.error(output);
+  // A build that runs but serializes its wgmmas is a silent 10-25 % regression: refuse it.
+  const serialized = serializedWgmmaKernels(output);
+  if (serialized.length > 0) {
+    throw new NvccError(
+      `ptxas serialized the wgmmas of ${what} in ${serialized.length} kernel(s), ` +
+        `${serialized.join(", ")}: an instruction touches accumulators that ptxas cannot ` +
+        `prove finished (nvcc's output is in the error)`,
+      what,
+      output,
+      result.code,
+    );
+  }
 }
 
 /**

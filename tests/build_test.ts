@@ -9,6 +9,7 @@ import {
   NVCC_FLAGS,
   NvccError,
 } from "../tasks/nvcc.ts";
+import { serializedWgmmaKernels } from "../ffi/build.ts";
 
 const hasNvcc = ((): boolean => {
   try {
@@ -108,6 +109,57 @@ Deno.test({
       // The library in place is the last good one.
       assert.ok((await Deno.stat(first.path)).isFile);
       assert.equal([...Deno.readDirSync(out)].filter((e) => e.name.includes(".tmp-")).length, 0);
+    } finally {
+      await Deno.remove(root, { recursive: true });
+    }
+  },
+});
+
+Deno.test("serializedWgmmaKernels: ptxas's two serialization notes, one name per kernel", () => {
+  const output = [
+    "ptxas info    : (C7514) Potential Performance Loss: wgmma.mma_async instructions are " +
+    "serialized due to non wgmma instructions reading accumulator registers of  a wgmma between " +
+    "start and end of the pipeline stage in the function '_Z1av'",
+    "ptxas info    : (C7517) warpgroup.wait is injected in around line 49 by compiler to allow " +
+    "use of registers defined by GMMA in function '_Z1bv'",
+    "ptxas info    : (C7517) warpgroup.wait is injected in around line 60 by compiler to allow " +
+    "use of registers defined by GMMA in function '_Z1bv'",
+    "ptxas warning : Registers are spilled to local memory in function '_Z1cv', 8 bytes spill",
+  ].join("\n");
+  assert.deepEqual(serializedWgmmaKernels(output), ["_Z1av", "_Z1bv"]);
+  assert.deepEqual(serializedWgmmaKernels(""), []);
+});
+
+Deno.test({
+  name: "buildLibrary: a kernel whose wgmma ptxas serializes fails the build, named",
+  ignore: !hasNvcc,
+  async fn(): Promise<void> {
+    const root = await Deno.makeTempDir({ prefix: "amoe-serialized-" });
+    try {
+      // The accumulator is read while its wgmma may still run: ptxas injects a wait.
+      await Deno.writeTextFile(
+        `${root}/serialized.cu`,
+        `#include <cstdint>
+__global__ void serialized(float* out, uint64_t a, uint64_t b) {
+  float d[4] = {0.f, 0.f, 0.f, 0.f};
+  asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+  asm volatile("wgmma.mma_async.sync.aligned.m64n8k32.f32.e4m3.e4m3 {%0, %1, %2, %3}, %4, %5, 0, 1, 1;"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]) : "l"(a), "l"(b));
+  asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+  out[threadIdx.x] = d[0];
+  asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+}
+`,
+      );
+      await assert.rejects(
+        buildLibrary({ sourceDir: root, outDir: `${root}/out`, quiet: true }),
+        (e: unknown) => {
+          assert.ok(e instanceof NvccError);
+          assert.match(e.message, /ptxas serialized the wgmmas of .*serialized\.cu/);
+          assert.match(e.message, /_Z10serializedPfmm/);
+          return true;
+        },
+      );
     } finally {
       await Deno.remove(root, { recursive: true });
     }

@@ -103,7 +103,7 @@ constexpr float kFp8Max = 448.0f;
 // steps), as DeepGEMM does. Hopper's FP8 accumulation keeps limited precision: over 128 of K it
 // changes which way more intermediates round when re-quantised to FP8, but the layer's distance
 // from the exact one stays within 1 % of what promoting every 64 gave. Half the promotions'
-// FFMAs, which take the consumers' issue slots from the wgmmas: 0.5-9 % faster at M >= 2048
+// FFMAs, which take the consumers' issue slots from the wgmmas: 0.5-10 % faster at M >= 2048
 // (bench/NOTES.md, items 36 and 130).
 constexpr int kUpPromoteSteps = 4;
 

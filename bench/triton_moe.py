@@ -304,7 +304,17 @@ def main():
     p.add_argument("--tune-iterations", type=int, default=5)
     args = p.parse_args()
     shapes = args.shapes.split(",")
-    ms = [int(m) for m in args.m.split(",")]
+    unknown = [s for s in shapes if s not in SHAPES]
+    if unknown:
+        p.error(f"unknown shapes {unknown}: choose from {','.join(SHAPES)}")
+    try:
+        ms = [int(m) for m in args.m.split(",")]
+    except ValueError:
+        ms = []
+    if not ms or min(ms) < 1:
+        p.error(f"--m wants positive token counts separated by commas, not {args.m!r}")
+    if args.iterations < 1 or args.tune_iterations < 1:
+        p.error("--iterations and --tune-iterations want at least 1")
     props = torch.cuda.get_device_properties(0)
     print(f"{props.name}, torch {torch.__version__}, triton {triton.__version__}", flush=True)
     print("shape    M  config (bm/bn/bk/gm/warps/stages)      µs     up    act   down    sum",
